@@ -1,0 +1,215 @@
+// Qcow2Image: a qcow2 image as a BlockDevice, on top of a host BlockDevice.
+//
+// Concurrency (SPEC §5). meta_mu_ (a reader/writer lock) guards all metadata:
+// header, L1 table, L2 and refcount-block caches, the allocator, the busy guest
+// ranges. Lookups that hit the cache run under the shared lock; allocation, cache
+// misses, discard and flush take it exclusively. Data I/O never runs under it.
+// Every read and write registers the host ranges it touches in inflight_ before
+// meta_mu_ drops; the allocator skips refcount-0 clusters that a live request still
+// overlaps. Writes that change an L2 entry first mark the guest cluster busy
+// (busy_), so overlapping allocating writes wait and never allocate twice.
+// Lock order: meta_mu_ -> InFlightTable::mu_ (leaf).
+//
+// On-disk write ordering (crash safety; leaks allowed, never corruption):
+//  1. Guest data is written (and fdatasync'ed) before any L2 entry pointing to it.
+//  2. A refcount increment is on disk before any L1/L2/reftable entry that uses the
+//     cluster (refblocks are written, then fdatasync, before L2 tables).
+//  3. A new table (L2, refblock, L1, reftable) has its refcount and contents on
+//     disk before the pointer to it (L1 entry, reftable entry, header) is written.
+//  4. A reference is dropped on disk (L2/L1/header written + fdatasync) before the
+//     refcount decrement is applied in memory: until then the cluster sits in
+//     pending_free_ and cannot be allocated, or punched.
+// Flush: fdatasync(data); refblocks; fdatasync; L2 tables; fdatasync; L1 and
+// reftable; fdatasync; header; fdatasync; then apply pending frees. Evicting a
+// dirty L2 table runs that whole flush first; a refblock may be written any time.
+#pragma once
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "block/block_device.h"
+#include "block/raw_file_device.h"
+#include "qcow2/format.h"
+#include "qcow2/header.h"
+#include "qcow2/inflight.h"
+#include "qcow2/table_cache.h"
+#include "util/mutex.h"
+#include "util/thread_annotations.h"
+
+namespace qcowfs::qcow2 {
+
+struct OpenOptions {
+  bool read_only = false;
+  bool lock = true;                 // QEMU-compatible image locks on host files
+  uint64_t cache_size = 32ull << 20;  // bytes for L2 + refcount-block caches
+  bool discard_unmap = true;        // punch freed clusters out of the host file
+  // Test hook: disables the tracked-request check in the allocator, to show
+  // that the discard-during-rewrite test catches the bug. Never set otherwise.
+  bool unsafe_ignore_inflight = false;
+  int max_backing_depth = 64;
+};
+
+// Devices for an image whose host file is not a path (tests: memory, fault
+// injection). Unowned pointers must outlive the image.
+struct OpenDevices {
+  block::BlockDevice* host = nullptr;
+  block::BlockDevice* backing = nullptr;    // overrides the header's backing file
+  block::BlockDevice* data_file = nullptr;  // overrides the data-file extension
+  std::string name = "image";               // for messages
+};
+
+struct ImageStats {
+  uint64_t l2_hits, l2_misses, refblock_hits, refblock_misses;
+  uint64_t inflight_requests;
+};
+
+// Mapping of one guest extent, produced under meta_mu_.
+struct Extent {
+  enum Kind { kData, kZero, kBacking, kCompressed } kind;
+  uint64_t guest;
+  uint64_t len;
+  uint64_t host;       // kData: host offset; kCompressed: L2 entry descriptor
+};
+
+class Qcow2Image final : public block::BlockDevice {
+ public:
+  static Result<std::unique_ptr<Qcow2Image>> Open(const std::string& path, const OpenOptions& opts);
+  static Result<std::unique_ptr<Qcow2Image>> OpenOn(const OpenDevices& devs, const OpenOptions& opts);
+  ~Qcow2Image() override;
+
+  Status Read(uint64_t offset, void* buf, size_t len) override;
+  Status Write(uint64_t offset, const void* buf, size_t len) override;
+  Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
+  Status Discard(uint64_t offset, uint64_t len) override;
+  Status Flush() override;
+  Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
+  uint64_t Size() const override { return size_.load(); }
+  Status Resize(uint64_t new_size) override;
+  bool read_only() const override { return read_only_; }
+  uint64_t AllocatedBytes() const override;
+
+  // Flushes and marks the image clean (dirty bit cleared). Further calls fail.
+  Status Close();
+
+  Header header() const {
+    ReaderLock lock(&meta_mu_);
+    return header_;
+  }
+  const Geometry& geometry() const { return geo_; }
+  bool corrupt() const { return corrupt_.load(); }
+  ImageStats Stats();
+  block::BlockDevice* backing() const { return backing_; }
+  // Chain description for `info`: this image, then each backing file.
+  std::vector<std::string> BackingChain() const;
+
+ private:
+  struct ClusterInfo;  // decoded L2 entry (image_map.cc)
+  struct WritePlan;
+
+  Qcow2Image() = default;
+  Status Init(const OpenDevices& devs, const OpenOptions& opts, const std::string& dir,
+              std::set<std::string>* chain);
+  Status OpenBacking(const std::string& dir, std::set<std::string>* chain) NO_THREAD_SAFETY_ANALYSIS;
+  Status LoadSnapshots();
+  Status RebuildRefcounts() EXCLUDES(meta_mu_);
+  Status ClearUnknownAutoclear();
+
+  // --- mapping (image_map.cc)
+  // Table at L1 index for reading: nullptr when not cached (caller loads it).
+  const uint8_t* CachedL2(uint64_t l1_index, bool* unallocated) REQUIRES_SHARED(meta_mu_);
+  Status LoadL2(uint64_t l2_offset) REQUIRES(meta_mu_);
+  ClusterInfo Decode(const uint8_t* l2, uint64_t index) const;
+  void Encode(uint8_t* l2, uint64_t index, uint64_t entry, uint64_t bitmap) const;
+  // Maps [off, off+len) within cached tables; returns bytes mapped (0: load needed).
+  uint64_t MapCached(uint64_t off, uint64_t len, std::vector<Extent>* out) REQUIRES_SHARED(meta_mu_);
+  // Returns a writable L2 table for l1_index (allocating or copying it on write).
+  Result<TableCache::Entry*> L2ForWrite(uint64_t l1_index) REQUIRES(meta_mu_);
+
+  // --- data paths (image_io.cc)
+  Status ReadExtents(const std::vector<Extent>& ext, uint8_t* buf, uint64_t base);
+  Status ReadBacking(uint64_t off, uint8_t* buf, uint64_t len);
+  Status ReadCompressed(uint64_t desc, uint8_t* out);
+  Status WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len);
+  Status ZeroCluster(uint64_t cluster_off, uint64_t in_off, uint64_t len, bool may_unmap, bool discard);
+  Status WriteDataFile(uint64_t off, const void* buf, size_t len);
+
+  // --- refcounts and allocation (image_alloc.cc)
+  Result<TableCache::Entry*> Refblock(uint64_t block_index, bool create) REQUIRES(meta_mu_);
+  Result<uint64_t> GetRefcountLocked(uint64_t cluster) REQUIRES(meta_mu_);
+  Status UpdateRefcount(uint64_t cluster, int64_t delta) REQUIRES(meta_mu_);
+  Result<uint64_t> AllocClusters(uint64_t n) REQUIRES(meta_mu_);
+  // Frees every host cluster an L2 entry holds, after the next metadata flush.
+  void FreeEntryLater(uint64_t entry) REQUIRES(meta_mu_);
+  void FreeLater(uint64_t host_off, uint64_t nclusters) REQUIRES(meta_mu_);
+  Status ApplyPendingFrees() REQUIRES(meta_mu_);
+  Status EnsureCacheRoom(TableCache* cache) REQUIRES(meta_mu_);
+
+  // --- metadata flush, header, corruption (image_flush.cc)
+  Status FlushLocked() REQUIRES(meta_mu_);
+  Status WriteHeaderSync() REQUIRES(meta_mu_);
+  Status SetDirtyBit() REQUIRES(meta_mu_);
+  Status GrowL1(uint64_t min_entries) REQUIRES(meta_mu_);
+  Status CheckOverlap(uint64_t off, uint64_t len, const char* what) REQUIRES_SHARED(meta_mu_);
+  Status MarkCorrupt(const std::string& why);
+  void AddMeta(uint64_t off, uint64_t len, const char* what) REQUIRES(meta_mu_);
+  void RemoveMeta(uint64_t off) REQUIRES(meta_mu_);
+
+  // Busy guest clusters (allocating writes, zeroing, discard).
+  void LockGuest(uint64_t first, uint64_t last) REQUIRES(meta_mu_);
+  void UnlockGuest(uint64_t first, uint64_t last) REQUIRES(meta_mu_);
+  Status UnlockAndFail(uint64_t gc, Status s) RELEASE(meta_mu_);
+
+  Status CheckWritable();
+
+  // Immutable after open.
+  std::string name_;
+  std::string dir_;
+  Geometry geo_;
+  bool read_only_ = false;
+  bool has_data_file_ = false;
+  bool data_file_raw_ = false;
+  bool lazy_refcounts_ = false;
+  uint32_t version_ = 3;
+  uint8_t compression_type_ = 0;
+  OpenOptions opts_;
+  block::BlockDevice* host_ = nullptr;
+  block::BlockDevice* data_ = nullptr;      // host_ or the external data file
+  block::BlockDevice* backing_ = nullptr;
+  std::unique_ptr<block::BlockDevice> owned_host_;
+  std::unique_ptr<block::BlockDevice> owned_data_;
+  std::unique_ptr<block::BlockDevice> owned_backing_;
+  std::string backing_desc_;
+  std::atomic<uint64_t> size_{0};
+  std::atomic<bool> corrupt_{false};
+  std::atomic<bool> closed_{false};
+
+  InFlightTable inflight_;
+
+  mutable SharedMutex meta_mu_;
+  SharedCondVar busy_cv_;
+  Header header_ GUARDED_BY(meta_mu_);
+  std::vector<uint8_t> cluster0_ GUARDED_BY(meta_mu_);  // header bytes as on disk
+  std::vector<uint64_t> l1_ GUARDED_BY(meta_mu_);
+  std::set<uint64_t> l1_dirty_ GUARDED_BY(meta_mu_);   // dirty L1 clusters (index)
+  bool l1_relocated_ GUARDED_BY(meta_mu_) = false;
+  std::vector<uint64_t> reftable_ GUARDED_BY(meta_mu_);
+  std::set<uint64_t> reftable_dirty_ GUARDED_BY(meta_mu_);
+  bool header_dirty_ GUARDED_BY(meta_mu_) = false;
+  bool dirty_bit_on_disk_ GUARDED_BY(meta_mu_) = false;
+  std::unique_ptr<TableCache> l2_cache_ PT_GUARDED_BY(meta_mu_);
+  std::unique_ptr<TableCache> rb_cache_ PT_GUARDED_BY(meta_mu_);
+  uint64_t free_hint_ GUARDED_BY(meta_mu_) = 0;
+  // Host clusters whose references were dropped in memory; decremented after flush.
+  std::vector<std::pair<uint64_t, uint64_t>> pending_free_ GUARDED_BY(meta_mu_);
+  bool metadata_dirty_ GUARDED_BY(meta_mu_) = false;
+  // Metadata regions for the overlap check: start -> (end, what).
+  std::map<uint64_t, std::pair<uint64_t, const char*>> meta_regions_ GUARDED_BY(meta_mu_);
+  std::vector<std::pair<uint64_t, uint64_t>> busy_ GUARDED_BY(meta_mu_);  // guest clusters [a,b]
+  std::vector<std::pair<uint64_t, uint32_t>> snapshot_l1s_;  // offset, entries
+};
+
+}  // namespace qcowfs::qcow2

@@ -1,0 +1,181 @@
+// Qcow2Image: refcounts, cluster allocation, deferred frees, cache room.
+#include <algorithm>
+
+#include "qcow2/cluster_info.h"
+#include "util/log.h"
+
+namespace qcowfs::qcow2 {
+
+Status Qcow2Image::EnsureCacheRoom(TableCache* cache) {
+  while (cache->full()) {
+    TableCache::Entry* v = cache->Victim();
+    if (v->dirty) {
+      if (cache == l2_cache_.get()) {
+        // An L2 table may reach the disk only after the data and refcounts it
+        // depends on: run the ordered flush, which cleans every L2 table.
+        RETURN_IF_ERROR(FlushLocked());
+      } else {
+        // Refcount blocks may be written at any time (increments first is safe;
+        // decrements are applied only after the dropping L2 is durable).
+        RETURN_IF_ERROR(host_->Write(v->offset, v->data.data(), v->data.size()));
+        v->dirty = false;
+      }
+    }
+    if (cache->full()) cache->Erase(cache->Victim()->offset);
+  }
+  return Status::Ok();
+}
+
+Result<TableCache::Entry*> Qcow2Image::Refblock(uint64_t block_index, bool create) {
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t off = block_index < reftable_.size() ? reftable_[block_index] : 0;
+  if (off) {
+    if (TableCache::Entry* e = rb_cache_->Find(off)) return e;
+    RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
+    std::vector<uint8_t> data(cs);
+    RETURN_IF_ERROR(host_->Read(off, data.data(), cs));
+    return rb_cache_->Insert(off, std::move(data));
+  }
+  if (!create) return static_cast<TableCache::Entry*>(nullptr);
+  return Status::Invalid(name_ + ": internal error: refcount block missing");
+}
+
+Result<uint64_t> Qcow2Image::GetRefcountLocked(uint64_t cluster) {
+  ASSIGN_OR_RETURN(TableCache::Entry * e, Refblock(cluster / geo_.refblock_entries, false));
+  if (!e) return uint64_t{0};
+  return GetRefcount(e->data.data(), cluster % geo_.refblock_entries, geo_.refcount_order);
+}
+
+Status Qcow2Image::UpdateRefcount(uint64_t cluster, int64_t delta) {
+  ASSIGN_OR_RETURN(TableCache::Entry * e, Refblock(cluster / geo_.refblock_entries, true));
+  uint64_t idx = cluster % geo_.refblock_entries;
+  uint64_t v = GetRefcount(e->data.data(), idx, geo_.refcount_order);
+  if (delta < 0 && v < static_cast<uint64_t>(-delta))
+    return Status::Corruption(name_ + ": refcount of cluster " + std::to_string(cluster) + " would drop below zero");
+  if (delta > 0 && geo_.max_refcount() - v < static_cast<uint64_t>(delta))
+    return Status::Error(EMLINK, name_ + ": refcount of cluster " + std::to_string(cluster) + " would overflow refcount_bits");
+  v += delta;
+  SetRefcount(e->data.data(), idx, geo_.refcount_order, v);
+  e->dirty = true;
+  metadata_dirty_ = true;
+  if (v == 0 && cluster < free_hint_) free_hint_ = cluster;
+  return Status::Ok();
+}
+
+// Finds n contiguous free clusters, makes sure refcount blocks cover them (new
+// blocks describe themselves: they sit inside the range they count), and takes
+// a reference on each. A cluster is free when its refcount is 0 and no tracked
+// request overlaps it.
+Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t per = geo_.refblock_entries;
+  HostRangeSet busy(opts_.unsafe_ignore_inflight ? std::vector<HostRange>{} : inflight_.Snapshot());
+  uint64_t c = free_hint_ ? free_hint_ : 1;
+  uint64_t start = 0, run = 0;
+  bool hint_moved = false;
+  while (run < n) {
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
+    bool free = rc == 0 && !busy.Overlaps(c * cs, cs);
+    if (rc == 0 && !hint_moved) {
+      free_hint_ = c;
+      hint_moved = true;
+    }
+    if (free) {
+      if (run == 0) start = c;
+      run++;
+    } else {
+      run = 0;
+    }
+    c++;
+    if (c > (1ull << (56 - geo_.cluster_bits)))
+      return Status::NoSpace(name_ + ": host offset space exhausted");
+  }
+  // Refcount blocks for [start, start+n): place missing ones in their own range,
+  // outside the clusters being allocated, or past it when the range is all ours.
+  uint64_t next_outside = start + n;
+  for (uint64_t b = start / per; b <= (start + n - 1) / per; b++) {
+    if (b < reftable_.size() && reftable_[b]) continue;
+    uint64_t lo = b * per, hi = lo + per;
+    uint64_t pick = 0;
+    for (uint64_t x = std::max<uint64_t>(lo, 1); x < hi; x++) {
+      if (x >= start && x < start + n) continue;
+      if (!busy.Overlaps(x * cs, cs)) {
+        pick = x;
+        break;
+      }
+    }
+    bool self = pick != 0;
+    if (!self) pick = next_outside++;  // block fully covered by this allocation
+    if (b >= reftable_.size()) reftable_.resize(std::max<uint64_t>(b + 1, reftable_.size() * 2), 0);
+    RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
+    TableCache::Entry* e = rb_cache_->Insert(pick * cs, std::vector<uint8_t>(cs, 0));
+    e->dirty = true;
+    reftable_[b] = pick * cs;
+    reftable_dirty_.insert(b * 8 / cs);
+    AddMeta(pick * cs, cs, "refcount block");
+    metadata_dirty_ = true;
+    if (self) {
+      RETURN_IF_ERROR(UpdateRefcount(pick, 1));
+    } else {
+      // pick lies in a later block that may itself be missing: count it there.
+      uint64_t pb = pick / per;
+      if (pb >= reftable_.size() || !reftable_[pb]) {
+        // Rare (tiny clusters with a huge allocation): retry with the block in place.
+        return AllocClusters(n);
+      }
+      RETURN_IF_ERROR(UpdateRefcount(pick, 1));
+    }
+  }
+  for (uint64_t i = 0; i < n; i++) RETURN_IF_ERROR(UpdateRefcount(start + i, 1));
+  if (free_hint_ == start) free_hint_ = start + n;
+  return start * cs;
+}
+
+void Qcow2Image::FreeLater(uint64_t host_off, uint64_t nclusters) {
+  pending_free_.emplace_back(host_off / geo_.cluster_size, nclusters);
+  metadata_dirty_ = true;
+}
+
+void Qcow2Image::FreeEntryLater(uint64_t entry) {
+  if (entry & kOflagCompressed) {
+    uint32_t x = geo_.csize_shift();
+    uint64_t coff = entry & geo_.compressed_offset_mask();
+    uint64_t nsec = ((entry >> x) & ((1ull << (62 - x)) - 1)) + 1;
+    uint64_t end = (coff & ~511ull) + nsec * 512;
+    uint64_t first = coff / geo_.cluster_size, last = (end - 1) / geo_.cluster_size;
+    pending_free_.emplace_back(first, last - first + 1);
+  } else if (entry & kL2OffsetMask) {
+    if (has_data_file_) return;  // data-file clusters are not refcounted
+    pending_free_.emplace_back((entry & kL2OffsetMask) / geo_.cluster_size, 1);
+  }
+  metadata_dirty_ = true;
+}
+
+// REQUIRES: every reference dropped for pending_free_ is on disk (end of flush).
+Status Qcow2Image::ApplyPendingFrees() {
+  const uint64_t cs = geo_.cluster_size;
+  std::vector<std::pair<uint64_t, uint64_t>> todo;
+  todo.swap(pending_free_);
+  Status first;
+  for (auto [c0, n] : todo) {
+    for (uint64_t c = c0; c < c0 + n; c++) {
+      Status s = UpdateRefcount(c, -1);
+      if (!s.ok()) {
+        if (first.ok()) first = s;
+        continue;
+      }
+      auto rc = GetRefcountLocked(c);
+      if (rc.ok() && rc.value() == 0) l2_cache_->Erase(c * cs);  // never write a freed table
+      if (rc.ok() && rc.value() == 0 && opts_.discard_unmap) {
+        // Before the cluster can be allocated again (we hold meta_mu_), so a late
+        // punch can never erase new contents.
+        Status d = host_->Discard(c * cs, cs);
+        if (!d.ok()) QCOWFS_LOG(Warn, "%s: punch hole at 0x%llx failed: %s", name_.c_str(),
+                                static_cast<unsigned long long>(c * cs), d.message().c_str());
+      }
+    }
+  }
+  return first;
+}
+
+}  // namespace qcowfs::qcow2

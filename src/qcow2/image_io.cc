@@ -1,0 +1,496 @@
+// Qcow2Image: the guest data paths (read, write, zero, discard, flush, status).
+#include <zlib.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "qcow2/cluster_info.h"
+#include "util/log.h"
+
+namespace qcowfs::qcow2 {
+namespace {
+
+constexpr uint64_t kMaxReadChunk = 4ull << 20;
+
+// Releases tracked host ranges when a request's I/O is over.
+class InFlightRefs {
+ public:
+  explicit InFlightRefs(InFlightTable* t) : t_(t) {}
+  ~InFlightRefs() {
+    for (auto h : handles_) t_->Release(h);
+  }
+  void Add(uint64_t start, uint64_t len) { handles_.push_back(t_->Register(start, len)); }
+
+ private:
+  InFlightTable* t_;
+  std::vector<InFlightTable::Handle> handles_;
+};
+
+}  // namespace
+
+Status Qcow2Image::ReadBacking(uint64_t off, uint8_t* buf, uint64_t len) {
+  uint64_t bsize = backing_ ? backing_->Size() : 0;
+  uint64_t n = off < bsize ? std::min(len, bsize - off) : 0;
+  if (n) RETURN_IF_ERROR(backing_->Read(off, buf, n));
+  if (n < len) std::memset(buf + n, 0, len - n);
+  return Status::Ok();
+}
+
+Status Qcow2Image::ReadCompressed(uint64_t entry, uint8_t* out) {
+  const uint64_t cs = geo_.cluster_size;
+  uint32_t x = geo_.csize_shift();
+  uint64_t coff = entry & geo_.compressed_offset_mask();
+  uint64_t nsec = ((entry >> x) & ((1ull << (62 - x)) - 1)) + 1;
+  uint64_t clen = nsec * 512 - (coff & 511);
+  std::vector<uint8_t> in(clen);
+  RETURN_IF_ERROR(host_->Read(coff, in.data(), clen));
+  if (compression_type_ == kCompressionZstd) {
+    ZSTD_DCtx* dctx = ZSTD_createDCtx();
+    if (!dctx) return Status::Error(ENOMEM, "zstd: out of memory");
+    ZSTD_inBuffer ib{in.data(), in.size(), 0};
+    ZSTD_outBuffer ob{out, cs, 0};
+    size_t r = 0;
+    while (ob.pos < ob.size && ib.pos < ib.size) {
+      r = ZSTD_decompressStream(dctx, &ob, &ib);
+      if (ZSTD_isError(r)) break;
+      if (r == 0 && ob.pos < ob.size && ib.pos == ib.size) break;
+    }
+    ZSTD_freeDCtx(dctx);
+    if (ZSTD_isError(r) || ob.pos != cs)
+      return Status::Corruption(name_ + ": bad zstd compressed cluster at host offset " + std::to_string(coff));
+    return Status::Ok();
+  }
+  z_stream z{};
+  if (inflateInit2(&z, -12) != Z_OK) return Status::Error(ENOMEM, "zlib: init failed");
+  z.next_in = in.data();
+  z.avail_in = static_cast<uInt>(clen);
+  z.next_out = out;
+  z.avail_out = static_cast<uInt>(cs);
+  int r = inflate(&z, Z_FINISH);
+  inflateEnd(&z);
+  if (!((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && z.avail_out == 0))
+    return Status::Corruption(name_ + ": bad zlib compressed cluster at host offset " + std::to_string(coff));
+  return Status::Ok();
+}
+
+Status Qcow2Image::ReadExtents(const std::vector<Extent>& ext, uint8_t* buf, uint64_t base) {
+  std::vector<uint8_t> tmp;
+  for (const Extent& e : ext) {
+    uint8_t* dst = buf + (e.guest - base);
+    switch (e.kind) {
+      case Extent::kData: RETURN_IF_ERROR(data_->Read(e.host, dst, e.len)); break;
+      case Extent::kZero: std::memset(dst, 0, e.len); break;
+      case Extent::kBacking: RETURN_IF_ERROR(ReadBacking(e.guest, dst, e.len)); break;
+      case Extent::kCompressed: {
+        tmp.resize(geo_.cluster_size);
+        RETURN_IF_ERROR(ReadCompressed(e.host, tmp.data()));
+        std::memcpy(dst, tmp.data() + geo_.OffsetInCluster(e.guest), e.len);
+        break;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// Registers the host ranges a mapped request will touch (REQUIRES meta_mu_ held).
+static void TrackExtents(const std::vector<Extent>& ext, bool data_file, const Geometry& g,
+                         InFlightRefs* refs) {
+  for (const Extent& e : ext) {
+    if (e.kind == Extent::kData && !data_file) {
+      refs->Add(e.host, e.len);
+    } else if (e.kind == Extent::kCompressed) {
+      uint32_t x = g.csize_shift();
+      uint64_t coff = e.host & g.compressed_offset_mask();
+      uint64_t nsec = ((e.host >> x) & ((1ull << (62 - x)) - 1)) + 1;
+      refs->Add(coff, nsec * 512 - (coff & 511));
+    }
+  }
+}
+
+Status Qcow2Image::Read(uint64_t offset, void* buf, size_t len) {
+  if (closed_) return Status::IoError(name_ + ": image is closed");
+  if (offset > Size() || len > Size() - offset) return Status::Invalid(name_ + ": read beyond the end of the image");
+  auto* out = static_cast<uint8_t*>(buf);
+  uint64_t done = 0;
+  while (done < len) {
+    std::vector<Extent> ext;
+    InFlightRefs refs(&inflight_);
+    uint64_t n;
+    uint64_t want = std::min<uint64_t>(len - done, kMaxReadChunk);
+    {
+      ReaderLock lock(&meta_mu_);
+      n = MapCached(offset + done, want, &ext);
+      TrackExtents(ext, has_data_file_, geo_, &refs);
+    }
+    if (n == 0) {
+      WriterLock lock(&meta_mu_);
+      uint64_t l1i = (offset + done) / geo_.l2_span();
+      RETURN_IF_ERROR(LoadL2(l1_[l1i] & kL1OffsetMask));
+      continue;
+    }
+    RETURN_IF_ERROR(ReadExtents(ext, out + done, offset + done));
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
+  RETURN_IF_ERROR(CheckWritable());
+  if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": write beyond the end of the image");
+  const auto* in = static_cast<const uint8_t*>(buf);
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t done = 0;
+  while (done < len) {
+    uint64_t pos = offset + done;
+    uint64_t n = std::min<uint64_t>(len - done, cs - (pos & (cs - 1)));
+    Status s = WriteCluster(pos, in + done, n);
+    if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::WriteDataFile(uint64_t off, const void* buf, size_t len) {
+  return data_->Write(off, buf, len);
+}
+
+// Writes [off, off+len), which lies inside one guest cluster.
+Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) {
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t sub = geo_.subcluster_size;
+  const uint64_t gc = off / cs;
+  const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
+  const uint64_t in = off - gc * cs;
+  const uint32_t s_first = static_cast<uint32_t>(in / sub), s_last = static_cast<uint32_t>((in + len - 1) / sub);
+  auto in_place = [&](const ClusterInfo& ci) {
+    if (ci.type != ClusterInfo::kNormal || !ci.copied) return false;
+    for (uint32_t s = s_first; s <= s_last; s++)
+      if (ci.Sub(ci.nsub == 1 ? 0 : s) != SubState::kData) return false;
+    return true;
+  };
+  // Fast path: an allocated cluster with refcount 1, under the shared lock.
+  {
+    InFlightRefs refs(&inflight_);
+    uint64_t host = 0;
+    bool fast = false;
+    {
+      ReaderLock lock(&meta_mu_);
+      bool unalloc = false;
+      const uint8_t* l2 = (l1_[l1i] & kOflagCopied) ? CachedL2(l1i, &unalloc) : nullptr;
+      if (l2) {
+        ClusterInfo ci = Decode(l2, l2i);
+        if (in_place(ci)) {
+          host = ci.host + in;
+          if (!has_data_file_) {
+            RETURN_IF_ERROR(CheckOverlap(host, len, "data"));
+            refs.Add(host, len);
+          }
+          fast = true;
+        }
+      }
+    }
+    if (fast) return data_->Write(host, buf, len);
+  }
+
+  // Slow path: the L2 entry changes. Mark the guest cluster busy so overlapping
+  // writers wait, decide under the exclusive lock, write data unlocked, link.
+  InFlightRefs refs(&inflight_);
+  ClusterInfo old;
+  uint64_t host = 0;
+  meta_mu_.Lock();
+  LockGuest(gc, gc);
+  {
+    auto t = L2ForWrite(l1i);
+    if (!t.ok()) return UnlockAndFail(gc, t.status());
+    old = Decode(t.value()->data.data(), l2i);
+  }
+  if (in_place(old)) {  // became allocated while we waited
+    host = old.host + in;
+    Status s = has_data_file_ ? Status::Ok() : CheckOverlap(host, len, "data");
+    if (!s.ok()) return UnlockAndFail(gc, s);
+    if (!has_data_file_) refs.Add(host, len);
+    UnlockGuest(gc, gc);
+    meta_mu_.Unlock();
+    return data_->Write(host, buf, len);
+  }
+  if (has_data_file_) {
+    host = gc * cs;
+  } else if (old.type == ClusterInfo::kNormal && old.copied) {
+    host = old.host;  // in place, but subclusters need allocating or zero-filling
+  } else {
+    auto a = AllocClusters(1);
+    if (!a.ok()) return UnlockAndFail(gc, a.status());
+    host = a.value();
+  }
+  if (!has_data_file_) {
+    Status s = CheckOverlap(host, cs, "data");
+    if (!s.ok()) return UnlockAndFail(gc, s);
+    refs.Add(host, cs);
+    if (old.type == ClusterInfo::kNormal && old.host != host) refs.Add(old.host, cs);
+    if (old.type == ClusterInfo::kCompressed) TrackExtents({Extent{Extent::kCompressed, 0, 0, old.entry}}, false, geo_, &refs);
+  }
+  meta_mu_.Unlock();
+
+  // Build the new contents subcluster by subcluster. Byte ranges to write:
+  // new bytes of in-place data subclusters (never rewrite bytes we did not get,
+  // a concurrent in-place writer may own them), whole subclusters otherwise.
+  const uint32_t nsub = geo_.extended_l2 ? kSubclusters : 1;
+  const bool replaced = host != old.host || old.type != ClusterInfo::kNormal;
+  std::vector<uint8_t> cbuf(cs);
+  std::vector<uint8_t> decompressed;
+  std::vector<std::pair<uint64_t, uint64_t>> runs;
+  uint64_t new_bitmap = old.type == ClusterInfo::kCompressed ? 0 : old.bitmap;
+  auto add_run = [&](uint64_t a, uint64_t b) {
+    if (!runs.empty() && runs.back().second == a)
+      runs.back().second = b;
+    else
+      runs.emplace_back(a, b);
+  };
+  Status st;
+  auto fill_old = [&](uint32_t s, uint64_t from, uint64_t to) -> Status {
+    // Old contents of cluster bytes [from, to) within subcluster s.
+    if (from >= to) return Status::Ok();
+    uint8_t* dst = cbuf.data() + from;
+    if (old.type == ClusterInfo::kCompressed) {
+      if (decompressed.empty()) {
+        decompressed.resize(cs);
+        RETURN_IF_ERROR(ReadCompressed(old.entry, decompressed.data()));
+      }
+      std::memcpy(dst, decompressed.data() + from, to - from);
+      return Status::Ok();
+    }
+    switch (old.Sub(nsub == 1 ? 0 : s)) {
+      case SubState::kData: return data_->Read(old.host + from, dst, to - from);
+      case SubState::kZero: std::memset(dst, 0, to - from); return Status::Ok();
+      case SubState::kUnalloc: return ReadBacking(gc * cs + from, dst, to - from);
+    }
+    return Status::Ok();
+  };
+  for (uint32_t s = 0; s < nsub && st.ok(); s++) {
+    uint64_t sa = s * sub, sb = sa + sub;
+    bool touched = s >= s_first && s <= s_last;
+    SubState os = old.type == ClusterInfo::kCompressed ? SubState::kData : old.Sub(nsub == 1 ? 0 : s);
+    bool written = false;
+    if (touched) {
+      uint64_t wa = std::max(sa, in), wb = std::min(sb, in + len);
+      std::memcpy(cbuf.data() + wa, buf + (wa - in), wb - wa);
+      if (os == SubState::kData && !replaced) {
+        add_run(wa, wb);
+      } else {
+        st = fill_old(s, sa, wa);
+        if (st.ok()) st = fill_old(s, wb, sb);
+        add_run(sa, sb);
+      }
+      written = true;
+    } else if (replaced && os == SubState::kData) {
+      st = fill_old(s, sa, sb);  // moves to the new cluster
+      add_run(sa, sb);
+      written = true;
+    }
+    if (written) {
+      new_bitmap |= 1ull << s;
+      new_bitmap &= ~(1ull << (32 + s));
+    }
+  }
+  for (size_t i = 0; i < runs.size() && st.ok(); i++)
+    st = WriteDataFile(host + runs[i].first, cbuf.data() + runs[i].first, runs[i].second - runs[i].first);
+
+  // Link: point the L2 entry at the data (data is written; the flush orders it).
+  meta_mu_.Lock();
+  if (st.ok()) {
+    auto t = L2ForWrite(l1i);
+    if (!t.ok()) {
+      st = t.status();
+    } else {
+      TableCache::Entry* e = t.value();
+      uint64_t entry = (host & kL2OffsetMask) | kOflagCopied;
+      if (nsub == 1) new_bitmap = 1;  // standard entry: plain data
+      Encode(e->data.data(), l2i, entry, new_bitmap);
+      e->dirty = true;
+      metadata_dirty_ = true;
+      if (replaced && old.type != ClusterInfo::kUnallocated) FreeEntryLater(old.entry);
+    }
+  }
+  UnlockGuest(gc, gc);
+  meta_mu_.Unlock();
+  return st;
+}
+
+// Makes [cluster_off+in, +len) of one guest cluster read as zeros.
+// discard: the caller wants space back (PUNCH_HOLE); may_unmap lets us free.
+Status Qcow2Image::ZeroCluster(uint64_t cluster_off, uint64_t in, uint64_t len, bool may_unmap,
+                               bool discard) {
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t sub = geo_.subcluster_size;
+  const uint64_t gc = cluster_off / cs;
+  const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
+  const bool v3 = version_ >= 3;
+  std::vector<std::pair<uint64_t, uint64_t>> pieces;  // zero data to write, in-cluster
+  {
+    WriterLock lock(&meta_mu_);
+    LockGuest(gc, gc);
+    struct Unlocker {
+      Qcow2Image* img;
+      uint64_t gc;
+      ~Unlocker() NO_THREAD_SAFETY_ANALYSIS { img->UnlockGuest(gc, gc); }
+    } unlocker{this, gc};
+    // Nothing to do where the range already reads zeros without a backing file.
+    if (!(l1_[l1i] & kL1OffsetMask) && !backing_ && !data_file_raw_) return Status::Ok();
+    ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
+    ClusterInfo ci = Decode(t->data.data(), l2i);
+    if (data_file_raw_) {
+      // The data file must stay a valid raw image: zero it there.
+      RETURN_IF_ERROR(data_->WriteZeroes(gc * cs + in, len, may_unmap));
+      if (ci.type != ClusterInfo::kNormal) {
+        Encode(t->data.data(), l2i, (gc * cs) | kOflagCopied, geo_.extended_l2 ? kBitmapAllAlloc : 1);
+        t->dirty = true;
+        metadata_dirty_ = true;
+      }
+      return Status::Ok();
+    }
+    const bool whole = in == 0 && len == cs;
+    if (whole) {
+      if (!v3) {
+        if (backing_) {
+          pieces.emplace_back(0, cs);
+        } else {
+          Encode(t->data.data(), l2i, 0, 0);
+          t->dirty = true;
+          metadata_dirty_ = true;
+          if (ci.type != ClusterInfo::kUnallocated) FreeEntryLater(ci.entry);
+          if (has_data_file_ && ci.type == ClusterInfo::kNormal) (void)data_->Discard(gc * cs, cs);
+        }
+      } else {
+        bool keep = !may_unmap && ci.type == ClusterInfo::kNormal && ci.copied;
+        if (keep) {  // preallocated zero cluster: allocation stays, reads zeros
+          Encode(t->data.data(), l2i, ci.host | kOflagCopied, kBitmapAllZero);
+        } else {
+          bool hole = discard && !backing_;
+          Encode(t->data.data(), l2i, 0, hole ? 0 : kBitmapAllZero);
+          if (ci.type != ClusterInfo::kUnallocated) FreeEntryLater(ci.entry);
+          if (has_data_file_ && ci.type == ClusterInfo::kNormal && may_unmap) (void)data_->Discard(gc * cs, cs);
+        }
+        t->dirty = true;
+        metadata_dirty_ = true;
+      }
+    } else if (geo_.extended_l2 && v3 && ci.type != ClusterInfo::kCompressed &&
+               (ci.type != ClusterInfo::kNormal || ci.copied) &&
+               (in + sub - 1) / sub < (in + len) / sub) {
+      // Whole subclusters get the zero bit; partial ones at the ends get zero data.
+      uint64_t a = (in + sub - 1) / sub * sub, b = (in + len) / sub * sub;
+      uint64_t bm = ci.bitmap;
+      for (uint64_t s = a / sub; s < b / sub; s++) {
+        bm &= ~(1ull << s);
+        bm |= 1ull << (32 + s);
+      }
+      Encode(t->data.data(), l2i, ci.entry & ~kOflagZero, bm);
+      t->dirty = true;
+      metadata_dirty_ = true;
+      if (in < a) pieces.emplace_back(in, a);
+      if (b < in + len) pieces.emplace_back(b, in + len);
+    } else {
+      // Partial cluster: zero data, unless it already reads zeros.
+      bool reads_zero = ci.type == ClusterInfo::kUnallocated && (!backing_ || ci.bitmap == (1ull << 32));
+      if (!reads_zero) pieces.emplace_back(in, in + len);
+    }
+  }
+  for (auto [a, b] : pieces) {
+    std::vector<uint8_t> zeros(b - a, 0);
+    RETURN_IF_ERROR(WriteCluster(cluster_off + a, zeros.data(), b - a));
+  }
+  return Status::Ok();
+}
+Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
+  RETURN_IF_ERROR(CheckWritable());
+  if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": beyond the end of the image");
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t done = 0;
+  while (done < len) {
+    uint64_t pos = offset + done;
+    uint64_t in = pos & (cs - 1);
+    uint64_t n = std::min<uint64_t>(len - done, cs - in);
+    Status s = ZeroCluster(pos - in, in, n, may_unmap, false);
+    if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
+    done += n;
+  }
+  if (may_unmap) {  // give the space back now
+    WriterLock lock(&meta_mu_);
+    if (!pending_free_.empty()) return FlushLocked();
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
+  RETURN_IF_ERROR(CheckWritable());
+  if (offset >= Size()) return Status::Ok();
+  len = std::min<uint64_t>(len, Size() - offset);
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t done = 0;
+  while (done < len) {
+    uint64_t pos = offset + done;
+    uint64_t in = pos & (cs - 1);
+    uint64_t n = std::min<uint64_t>(len - done, cs - in);
+    Status s = ZeroCluster(pos - in, in, n, true, true);
+    if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
+    done += n;
+  }
+  WriterLock lock(&meta_mu_);
+  if (!pending_free_.empty()) {
+    // The dropped references go to disk, then the clusters are freed and punched.
+    RETURN_IF_ERROR(FlushLocked());
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::Flush() {
+  if (closed_) return Status::IoError(name_ + ": image is closed");
+  if (read_only_) return Status::Ok();
+  WriterLock lock(&meta_mu_);
+  return FlushLocked();
+}
+
+Result<block::BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t len) {
+  if (offset >= Size()) return Status::Invalid(name_ + ": block status beyond the end");
+  len = std::min<uint64_t>(len, Size() - offset);
+  len = std::min<uint64_t>(len, 1ull << 30);
+  std::vector<Extent> ext;
+  for (;;) {
+    uint64_t n;
+    {
+      ReaderLock lock(&meta_mu_);
+      n = MapCached(offset, len, &ext);
+    }
+    if (n > 0) break;
+    WriterLock lock(&meta_mu_);
+    RETURN_IF_ERROR(LoadL2(l1_[offset / geo_.l2_span()] & kL1OffsetMask));
+  }
+  auto kind_of = [](Extent::Kind k) {
+    switch (k) {
+      case Extent::kData:
+      case Extent::kCompressed: return block::ExtentType::kData;
+      case Extent::kZero: return block::ExtentType::kZero;
+      default: return block::ExtentType::kUnallocated;
+    }
+  };
+  const Extent& first = ext.front();
+  if (first.kind == Extent::kBacking) {
+    // Unallocated here: the backing chain decides (past its end: zeros).
+    uint64_t bsize = backing_->Size();
+    uint64_t n = first.len;
+    for (size_t i = 1; i < ext.size() && ext[i].kind == Extent::kBacking; i++) n += ext[i].len;
+    if (offset >= bsize) return block::BlockStatus{block::ExtentType::kUnallocated, n};
+    ASSIGN_OR_RETURN(auto bs, backing_->GetBlockStatus(offset, std::min(n, bsize - offset)));
+    if (bs.type == block::ExtentType::kZero) bs.type = block::ExtentType::kUnallocated;
+    return bs;
+  }
+  block::ExtentType t = kind_of(first.kind);
+  uint64_t n = 0;
+  for (const Extent& e : ext) {
+    if (kind_of(e.kind) != t || e.kind == Extent::kBacking) break;
+    n += e.len;
+  }
+  return block::BlockStatus{t, n};
+}
+
+}  // namespace qcowfs::qcow2

@@ -1,0 +1,30 @@
+#include "qcow2/inflight.h"
+
+#include <algorithm>
+
+namespace qcowfs::qcow2 {
+
+std::vector<HostRange> InFlightTable::Snapshot() {
+  MutexLock l(&mu_);
+  return std::vector<HostRange>(live_.begin(), live_.end());
+}
+
+HostRangeSet::HostRangeSet(std::vector<HostRange> ranges) {
+  std::sort(ranges.begin(), ranges.end(),
+            [](const HostRange& a, const HostRange& b) { return a.start < b.start; });
+  for (const auto& r : ranges) {
+    if (!ranges_.empty() && r.start <= ranges_.back().end)
+      ranges_.back().end = std::max(ranges_.back().end, r.end);
+    else
+      ranges_.push_back(r);
+  }
+}
+
+bool HostRangeSet::Overlaps(uint64_t start, uint64_t len) const {
+  // First range whose end is beyond start.
+  auto it = std::upper_bound(ranges_.begin(), ranges_.end(), start,
+                             [](uint64_t s, const HostRange& r) { return s < r.end; });
+  return it != ranges_.end() && it->start < start + len;
+}
+
+}  // namespace qcowfs::qcow2
