@@ -62,6 +62,15 @@ struct OpenDevices {
   std::string name = "image";               // for messages
 };
 
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t date_sec = 0;
+  uint64_t vm_clock_ns = 0;
+  uint64_t vm_state_size = 0;
+  uint64_t disk_size = 0;
+};
+
 struct ImageStats {
   uint64_t l2_hits, l2_misses, refblock_hits, refblock_misses;
   uint64_t inflight_requests;
@@ -101,6 +110,7 @@ class Qcow2Image final : public block::BlockDevice {
   }
   const Geometry& geometry() const { return geo_; }
   bool corrupt() const { return corrupt_.load(); }
+  const std::vector<SnapshotInfo>& snapshots() const { return snapshots_; }
   ImageStats Stats();
   block::BlockDevice* backing() const { return backing_; }
   // Chain description for `info`: this image, then each backing file.
@@ -210,6 +220,7 @@ class Qcow2Image final : public block::BlockDevice {
   std::map<uint64_t, std::pair<uint64_t, const char*>> meta_regions_ GUARDED_BY(meta_mu_);
   std::vector<std::pair<uint64_t, uint64_t>> busy_ GUARDED_BY(meta_mu_);  // guest clusters [a,b]
   std::vector<std::pair<uint64_t, uint32_t>> snapshot_l1s_;  // offset, entries
+  std::vector<SnapshotInfo> snapshots_;
 };
 
 }  // namespace qcowfs::qcow2

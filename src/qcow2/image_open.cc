@@ -240,6 +240,17 @@ Status Qcow2Image::LoadSnapshots() NO_THREAD_SAFETY_ANALYSIS {
     if (l1_off % cs || uint64_t{l1_size} * 8 > kMaxL1Bytes || (l1_size && l1_off + uint64_t{l1_size} * 8 > file_size))
       return Status::Invalid(name_ + ": snapshot " + std::to_string(i) + " has an invalid L1 table");
     snapshot_l1s_.emplace_back(l1_off, l1_size);
+    SnapshotInfo info;
+    info.date_sec = LoadBE32(h + 16);
+    info.vm_clock_ns = LoadBE64(h + 24);
+    info.vm_state_size = LoadBE32(h + 32);
+    std::vector<uint8_t> rest(extra + id_len + name_len);
+    RETURN_IF_ERROR(host_->Read(pos + 40, rest.data(), rest.size()));
+    if (extra >= 8) info.vm_state_size = LoadBE64(rest.data());
+    if (extra >= 16) info.disk_size = LoadBE64(rest.data() + 8);
+    info.id.assign(reinterpret_cast<char*>(rest.data()) + extra, id_len);
+    info.name.assign(reinterpret_cast<char*>(rest.data()) + extra + id_len, name_len);
+    snapshots_.push_back(std::move(info));
     pos += (40 + extra + id_len + name_len + 7) & ~7ull;
   }
   uint64_t table_len = pos - header_.snapshots_offset;

@@ -1,0 +1,262 @@
+// qcowfs command line: subcommand dispatch, exit codes (0 ok, 1 runtime error,
+// 2 usage error), one line on stderr per error.
+#include <boost/program_options.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "qcow2/create.h"
+#include "qcow2/image.h"
+#include "util/size.h"
+
+namespace po = boost::program_options;
+using namespace qcowfs;
+
+namespace {
+
+constexpr const char* kVersion = "qcowfs 0.1.0";
+
+struct UsageError {
+  std::string msg;
+};
+
+void PrintMainHelp() {
+  std::printf(
+      "Usage: qcowfs COMMAND [OPTIONS]\n\n"
+      "Commands:\n"
+      "  create [--cluster-size N] [--backing FILE [--backing-format F]] IMAGE SIZE\n"
+      "  info [--json] [-U] IMAGE\n\n"
+      "Run 'qcowfs COMMAND --help' for the options of a command.\n");
+}
+
+// Parses argv (after the subcommand) with desc and positional names.
+po::variables_map ParseArgs(const std::vector<std::string>& args, const po::options_description& desc,
+                            const std::vector<std::string>& positional, bool* help) {
+  po::options_description all;
+  all.add(desc);
+  po::options_description hidden;
+  po::positional_options_description pos;
+  for (const auto& p : positional) {
+    hidden.add_options()(p.c_str(), po::value<std::string>(), "");
+    pos.add(p.c_str(), 1);
+  }
+  all.add(hidden);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError{e.what()};
+  }
+  *help = vm.count("help") > 0;
+  if (!*help)
+    for (const auto& p : positional)
+      if (!vm.count(p)) throw UsageError{"missing argument " + p};
+  return vm;
+}
+
+int CmdCreate(const std::vector<std::string>& args) {
+  po::options_description desc("Usage: qcowfs create [OPTIONS] IMAGE SIZE\n\nCreates an empty qcow2 image (SIZE accepts K, M, G, T suffixes).\n\nOptions");
+  desc.add_options()("help,h", "show this help")
+      ("cluster-size", po::value<std::string>()->default_value("64K"), "cluster size, 512 to 2M")
+      ("backing,b", po::value<std::string>(), "backing file (stored as given; relative to the image)")
+      ("backing-format,F", po::value<std::string>(), "backing file format: qcow2 or raw")
+      ("refcount-bits", po::value<unsigned>()->default_value(16), "refcount width: 1..64")
+      ("compat", po::value<std::string>()->default_value("1.1"), "0.10 (version 2) or 1.1 (version 3)")
+      ("lazy-refcounts", "enable lazy refcounts")
+      ("extended-l2", "enable extended L2 entries (subclusters)");
+  bool help = false;
+  auto vm = ParseArgs(args, desc, {"IMAGE", "SIZE"}, &help);
+  if (help) {
+    std::cout << desc << "\n";
+    return 0;
+  }
+  qcow2::CreateOptions o;
+  auto size = ParseSize(vm["SIZE"].as<std::string>());
+  if (!size.ok()) throw UsageError{size.status().message()};
+  o.size = size.value();
+  auto cs = ParseSize(vm["cluster-size"].as<std::string>());
+  if (!cs.ok()) throw UsageError{"--cluster-size: " + cs.status().message()};
+  uint64_t c = cs.value();
+  if (c < 512 || c > (2u << 20) || (c & (c - 1)))
+    throw UsageError{"--cluster-size must be a power of two from 512 to 2M"};
+  o.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(c));
+  unsigned rb = vm["refcount-bits"].as<unsigned>();
+  if (rb == 0 || rb > 64 || (rb & (rb - 1))) throw UsageError{"--refcount-bits must be 1, 2, 4, 8, 16, 32 or 64"};
+  o.refcount_order = static_cast<uint32_t>(__builtin_ctz(rb));
+  std::string compat = vm["compat"].as<std::string>();
+  if (compat == "0.10") o.version = 2;
+  else if (compat == "1.1") o.version = 3;
+  else throw UsageError{"--compat must be 0.10 or 1.1"};
+  o.lazy_refcounts = vm.count("lazy-refcounts") > 0;
+  o.extended_l2 = vm.count("extended-l2") > 0;
+  std::string image = vm["IMAGE"].as<std::string>();
+  if (vm.count("backing")) {
+    o.backing_file = vm["backing"].as<std::string>();
+    if (vm.count("backing-format")) {
+      o.backing_format = vm["backing-format"].as<std::string>();
+      if (o.backing_format != "qcow2" && o.backing_format != "raw")
+        throw UsageError{"--backing-format must be qcow2 or raw"};
+    }
+    // Check the backing file opens (relative to the new image's directory).
+    std::string dir = image.rfind('/') == std::string::npos ? "." : image.substr(0, image.rfind('/'));
+    std::string bpath = o.backing_file[0] == '/' ? o.backing_file : dir + "/" + o.backing_file;
+    if (o.backing_format.empty()) {
+      qcow2::OpenOptions ro;
+      ro.read_only = true;
+      ro.lock = false;
+      o.backing_format = qcow2::Qcow2Image::Open(bpath, ro).ok() ? "qcow2" : "raw";
+    }
+    uint64_t bsize = 0;
+    if (o.backing_format == "qcow2") {
+      qcow2::OpenOptions ro;
+      ro.read_only = true;
+      ro.lock = false;
+      auto b = qcow2::Qcow2Image::Open(bpath, ro);
+      if (!b.ok()) {
+        std::fprintf(stderr, "qcowfs: backing file %s\n", b.status().message().c_str());
+        return 1;
+      }
+      bsize = b.value()->Size();
+    } else {
+      auto b = block::RawFileDevice::Open(bpath, true, block::LockMode::kNone);
+      if (!b.ok()) {
+        std::fprintf(stderr, "qcowfs: backing file %s\n", b.status().message().c_str());
+        return 1;
+      }
+      bsize = b.value()->Size();
+    }
+    if (o.size == 0) o.size = bsize;  // SIZE 0: the backing file's size
+  } else if (vm.count("backing-format")) {
+    throw UsageError{"--backing-format needs --backing"};
+  }
+  Status s = qcow2::CreateFile(image, o);
+  if (!s.ok()) {
+    std::fprintf(stderr, "qcowfs: %s\n", s.message().c_str());
+    return 1;
+  }
+  std::printf("Created %s: qcow2, %s, cluster size %llu%s%s\n", image.c_str(), FormatSize(o.size).c_str(),
+              static_cast<unsigned long long>(c), o.backing_file.empty() ? "" : ", backing file ",
+              o.backing_file.c_str());
+  return 0;
+}
+
+int CmdInfo(const std::vector<std::string>& args) {
+  po::options_description desc("Usage: qcowfs info [OPTIONS] IMAGE\n\nShows what a qcow2 image holds.\n\nOptions");
+  desc.add_options()("help,h", "show this help")("json", "print JSON")
+      ("force-share,U", "open without taking image locks (the image may be in use)");
+  bool help = false;
+  auto vm = ParseArgs(args, desc, {"IMAGE"}, &help);
+  if (help) {
+    std::cout << desc << "\n";
+    return 0;
+  }
+  std::string path = vm["IMAGE"].as<std::string>();
+  qcow2::OpenOptions o;
+  o.read_only = true;
+  o.lock = vm.count("force-share") == 0;
+  auto r = qcow2::Qcow2Image::Open(path, o);
+  if (!r.ok()) {
+    std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
+    return 1;
+  }
+  auto& img = r.value();
+  qcow2::Header h = img->header();
+  const auto& g = img->geometry();
+  std::vector<std::string> features;
+  if (h.compatible & qcow2::kCompatLazyRefcounts) features.push_back("lazy_refcounts");
+  if (g.extended_l2) features.push_back("extended_l2");
+  if (h.incompatible & qcow2::kIncompatDataFile) features.push_back("data_file");
+  if (h.autoclear & qcow2::kAutoclearDataFileRaw) features.push_back("data_file_raw");
+  if (h.autoclear & qcow2::kAutoclearBitmaps) features.push_back("bitmaps");
+  bool dirty = h.incompatible & qcow2::kIncompatDirty;
+  bool corrupt = h.incompatible & qcow2::kIncompatCorrupt;
+  std::string compression = h.compression_type == qcow2::kCompressionZstd ? "zstd" : "zlib";
+  auto chain = img->BackingChain();
+  if (vm.count("json")) {
+    nlohmann::json j;
+    j["filename"] = path;
+    j["format"] = "qcow2";
+    j["virtual-size"] = img->Size();
+    j["actual-size"] = img->AllocatedBytes();
+    j["cluster-size"] = g.cluster_size;
+    j["version"] = h.version;
+    j["compat"] = h.version == 2 ? "0.10" : "1.1";
+    j["refcount-bits"] = g.refcount_bits;
+    j["compression-type"] = compression;
+    j["features"] = features;
+    j["dirty"] = dirty;
+    j["corrupt"] = corrupt;
+    if (!h.backing_file.empty()) {
+      j["backing-filename"] = h.backing_file;
+      if (!h.backing_format.empty()) j["backing-filename-format"] = h.backing_format;
+    }
+    j["backing-chain"] = chain;
+    if (!h.data_file.empty()) j["data-file"] = h.data_file;
+    nlohmann::json snaps = nlohmann::json::array();
+    for (const auto& s : img->snapshots())
+      snaps.push_back({{"id", s.id}, {"name", s.name}, {"date-sec", s.date_sec},
+                       {"vm-clock-nsec", s.vm_clock_ns}, {"vm-state-size", s.vm_state_size}});
+    j["snapshots"] = snaps;
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("image: %s\n", path.c_str());
+  std::printf("file format: qcow2\n");
+  std::printf("virtual size: %s (%llu bytes)\n", FormatSize(img->Size()).c_str(),
+              static_cast<unsigned long long>(img->Size()));
+  std::printf("allocated size: %s\n", FormatSize(img->AllocatedBytes()).c_str());
+  std::printf("cluster size: %llu\n", static_cast<unsigned long long>(g.cluster_size));
+  std::printf("version: %u (compat %s)\n", h.version, h.version == 2 ? "0.10" : "1.1");
+  std::printf("refcount bits: %u\n", g.refcount_bits);
+  std::printf("compression type: %s\n", compression.c_str());
+  std::string f;
+  for (const auto& x : features) f += (f.empty() ? "" : ", ") + x;
+  std::printf("features: %s\n", f.empty() ? "none" : f.c_str());
+  std::printf("state: %s%s\n", corrupt ? "corrupt" : "ok", dirty ? ", not cleanly shut down (dirty)" : "");
+  if (!h.backing_file.empty())
+    std::printf("backing file: %s%s%s\n", h.backing_file.c_str(), h.backing_format.empty() ? "" : " (format ",
+                h.backing_format.empty() ? "" : (h.backing_format + ")").c_str());
+  for (size_t i = 0; i < chain.size(); i++) std::printf("backing chain[%zu]: %s\n", i + 1, chain[i].c_str());
+  if (!h.data_file.empty()) std::printf("data file: %s\n", h.data_file.c_str());
+  if (!img->snapshots().empty()) {
+    std::printf("snapshots:\n  %-6s %-20s %12s\n", "ID", "NAME", "VM STATE");
+    for (const auto& s : img->snapshots())
+      std::printf("  %-6s %-20s %12s\n", s.id.c_str(), s.name.c_str(), FormatSize(s.vm_state_size).c_str());
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    PrintMainHelp();
+    return 2;
+  }
+  std::string cmd = args[0];
+  std::vector<std::string> rest(args.begin() + 1, args.end());
+  try {
+    if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+      PrintMainHelp();
+      return 0;
+    }
+    if (cmd == "--version" || cmd == "-V") {
+      std::printf("%s\n", kVersion);
+      return 0;
+    }
+    if (cmd == "create") return CmdCreate(rest);
+    if (cmd == "info") return CmdInfo(rest);
+    throw UsageError{"unknown command '" + cmd + "' (try qcowfs --help)"};
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "qcowfs %s: %s\n", cmd.c_str(), e.msg.c_str());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qcowfs %s: %s\n", cmd.c_str(), e.what());
+    return 1;
+  }
+}
