@@ -3,11 +3,17 @@
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
+#include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "config/config.h"
+#include "config/control_protocol.h"
+#include "fuse/control_server.h"
+#include "fuse/daemon.h"
 #include "qcow2/create.h"
 #include "qcow2/image.h"
 #include "util/size.h"
@@ -28,7 +34,11 @@ void PrintMainHelp() {
       "Usage: qcowfs COMMAND [OPTIONS]\n\n"
       "Commands:\n"
       "  create [--cluster-size N] [--backing FILE [--backing-format F]] IMAGE SIZE\n"
-      "  info [--json] [-U] IMAGE\n\n"
+      "  info [--json] [-U] IMAGE\n"
+      "  mount [OPTIONS] IMAGE MOUNTPOINT\n"
+      "  mount --config FILE [OPTIONS]\n"
+      "  IMAGE MOUNTPOINT [-o OPTS]          (same as mount; used by mount -t fuse.qcowfs)\n"
+      "  status [--json] (MOUNTPOINT | --socket PATH)\n\n"
       "Run 'qcowfs COMMAND --help' for the options of a command.\n");
 }
 
@@ -230,6 +240,137 @@ int CmdInfo(const std::vector<std::string>& args) {
   return 0;
 }
 
+int CmdMount(const std::vector<std::string>& args) {
+  po::options_description desc(
+      "Usage: qcowfs mount [OPTIONS] IMAGE MOUNTPOINT\n"
+      "       qcowfs mount --config FILE [OPTIONS]\n\n"
+      "Shows a qcow2 image as a raw file. A regular-file MOUNTPOINT becomes the image;\n"
+      "a directory MOUNTPOINT shows STEM.raw. Returns once the mount is live.\n\nOptions");
+  desc.add_options()("help,h", "show this help")
+      ("config,c", po::value<std::string>(), "JSON config file (images, mountpoint, mirrors)")
+      ("read-only,r", "mount read-only")
+      ("allow-other", "let other users access the mount")
+      ("threads,t", po::value<unsigned>(), "FUSE worker threads (default: number of CPUs)")
+      ("cache-size", po::value<std::string>(), "qcow2 metadata cache size (default 32M)")
+      ("discard", po::value<std::string>(), "unmap (default): punch frees space; ignore: punch only zeroes")
+      ("socket", po::value<std::string>(), "control socket path")
+      ("options,o", po::value<std::vector<std::string>>()->composing(), "comma-separated options (ro, allow_other, threads=N, cache_size=S, discard=M, socket=P)")
+      ("foreground,f", "stay in the foreground, log to stderr")
+      ("debug,d", "FUSE debug output (implies -f)");
+  po::options_description hidden;
+  hidden.add_options()("positional", po::value<std::vector<std::string>>(), "");
+  po::positional_options_description pos;
+  pos.add("positional", -1);
+  po::options_description all;
+  all.add(desc).add(hidden);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError{e.what()};
+  }
+  if (vm.count("help")) {
+    std::cout << desc << "\n";
+    return 0;
+  }
+  std::vector<std::string> posv = vm.count("positional") ? vm["positional"].as<std::vector<std::string>>()
+                                                         : std::vector<std::string>{};
+  config::MountConfig cfg;
+  if (vm.count("config")) {
+    auto r = config::LoadMountConfig(vm["config"].as<std::string>());
+    if (!r.ok()) {
+      std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
+      return r.status().err() == ENOENT ? 1 : 2;
+    }
+    cfg = r.value();
+    if (posv.size() == 1) cfg.mountpoint = posv[0];
+    else if (!posv.empty()) throw UsageError{"with --config, give at most a MOUNTPOINT"};
+    if (cfg.mountpoint.empty()) throw UsageError{"the config names no mountpoint"};
+  } else {
+    if (posv.size() != 2) throw UsageError{"expected IMAGE MOUNTPOINT"};
+    config::ImageConfig ic;
+    ic.path = posv[0];
+    ic.name = config::DefaultExportName(ic.path);
+    cfg.images.push_back(ic);
+    cfg.mountpoint = posv[1];
+  }
+  // Command-line options override the file.
+  if (vm.count("options"))
+    for (const auto& o : vm["options"].as<std::vector<std::string>>())
+      if (Status s = config::ApplyOptionList(o, &cfg); !s.ok()) throw UsageError{s.message()};
+  if (vm.count("read-only")) for (auto& im : cfg.images) im.read_only = true;
+  if (vm.count("allow-other")) cfg.allow_other = true;
+  if (vm.count("threads")) {
+    unsigned t = vm["threads"].as<unsigned>();
+    if (t == 0 || t > 1024) throw UsageError{"--threads must be from 1 to 1024"};
+    cfg.threads = t;
+  }
+  if (vm.count("cache-size")) {
+    auto r = ParseSize(vm["cache-size"].as<std::string>());
+    if (!r.ok()) throw UsageError{"--cache-size: " + r.status().message()};
+    for (auto& im : cfg.images) im.cache_size = r.value();
+  }
+  if (vm.count("discard")) {
+    std::string d = vm["discard"].as<std::string>();
+    if (d != "unmap" && d != "ignore") throw UsageError{"--discard must be unmap or ignore"};
+    for (auto& im : cfg.images) im.discard_unmap = d == "unmap";
+  }
+  if (vm.count("socket")) cfg.socket = vm["socket"].as<std::string>();
+  if (vm.count("foreground")) cfg.foreground = true;
+  if (vm.count("debug")) cfg.debug = cfg.foreground = true;
+  return fuse::RunMount(cfg);
+}
+
+// Finds the control socket for MOUNTPOINT or --socket.
+std::string SocketFor(const po::variables_map& vm) {
+  if (vm.count("socket")) return vm["socket"].as<std::string>();
+  if (!vm.count("MOUNTPOINT")) throw UsageError{"give a MOUNTPOINT or --socket PATH"};
+  char buf[PATH_MAX];
+  std::string mp = vm["MOUNTPOINT"].as<std::string>();
+  if (!realpath(mp.c_str(), buf)) throw UsageError{mp + ": no such mountpoint"};
+  return config::DefaultSocketPath(buf);
+}
+
+int CmdStatus(const std::vector<std::string>& args) {
+  po::options_description desc("Usage: qcowfs status [--json] (MOUNTPOINT | --socket PATH)\n\nShows a running mount.\n\nOptions");
+  desc.add_options()("help,h", "show this help")("json", "print JSON")
+      ("socket", po::value<std::string>(), "control socket path");
+  po::options_description hidden;
+  hidden.add_options()("MOUNTPOINT", po::value<std::string>(), "");
+  po::positional_options_description pos;
+  pos.add("MOUNTPOINT", 1);
+  po::options_description all;
+  all.add(desc).add(hidden);
+  po::variables_map vm;
+  try {
+    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
+    po::notify(vm);
+  } catch (const po::error& e) {
+    throw UsageError{e.what()};
+  }
+  if (vm.count("help")) {
+    std::cout << desc << "\n";
+    return 0;
+  }
+  auto r = fuse::ControlCall(SocketFor(vm), "status");
+  if (!r.ok()) {
+    std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
+    return 1;
+  }
+  if (vm.count("json")) {
+    std::cout << nlohmann::json::parse(r.value()).dump(2) << "\n";
+    return 0;
+  }
+  auto st = config::StatusFromJson(r.value());
+  if (!st.ok()) {
+    std::fprintf(stderr, "qcowfs: %s\n", st.status().message().c_str());
+    return 1;
+  }
+  std::cout << config::StatusToText(st.value());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -251,6 +392,10 @@ int main(int argc, char** argv) {
     }
     if (cmd == "create") return CmdCreate(rest);
     if (cmd == "info") return CmdInfo(rest);
+    if (cmd == "mount") return CmdMount(rest);
+    if (cmd == "status") return CmdStatus(rest);
+    // `qcowfs IMAGE MOUNTPOINT [-o OPTS]`, as mount.fuse3 runs it.
+    if (!cmd.empty() && cmd[0] != '-' && args.size() >= 2) return CmdMount(args);
     throw UsageError{"unknown command '" + cmd + "' (try qcowfs --help)"};
   } catch (const UsageError& e) {
     std::fprintf(stderr, "qcowfs %s: %s\n", cmd.c_str(), e.msg.c_str());

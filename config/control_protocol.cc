@@ -1,0 +1,140 @@
+#include "config/control_protocol.h"
+
+#include <nlohmann/json.hpp>
+
+#include "util/size.h"
+
+namespace qcowfs::config {
+
+using nlohmann::json;
+
+Result<ControlRequest> ParseControlRequest(const std::string& line) {
+  json j;
+  try {
+    j = json::parse(line);
+  } catch (const json::exception& e) {
+    return Status::Invalid("malformed request: not valid JSON");
+  }
+  if (!j.is_object()) return Status::Invalid("malformed request: expected a JSON object");
+  ControlRequest r;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it.key() == "cmd") {
+      if (!it.value().is_string()) return Status::Invalid("malformed request: \"cmd\" must be a string");
+      r.cmd = it.value().get<std::string>();
+    } else if (it.key() == "args") {
+      if (!it.value().is_object()) return Status::Invalid("malformed request: \"args\" must be an object");
+      r.args_json = it.value().dump();
+    } else {
+      return Status::Invalid("malformed request: unknown key \"" + it.key() + "\"");
+    }
+  }
+  if (r.cmd.empty()) return Status::Invalid("malformed request: \"cmd\" is required");
+  return r;
+}
+
+std::string FormatOkReply(const std::string& result_json) {
+  json j;
+  j["ok"] = true;
+  j["result"] = json::parse(result_json);
+  return j.dump() + "\n";
+}
+
+std::string FormatErrorReply(const std::string& error) {
+  json j;
+  j["ok"] = false;
+  j["error"] = error;
+  return j.dump() + "\n";
+}
+
+std::string FormatRequest(const std::string& cmd, const std::string& args_json) {
+  json j;
+  j["cmd"] = cmd;
+  j["args"] = json::parse(args_json);
+  return j.dump() + "\n";
+}
+
+Result<std::string> ParseReply(const std::string& line) {
+  try {
+    json j = json::parse(line);
+    if (!j.is_object() || !j.contains("ok")) return Status::IoError("malformed reply from the daemon");
+    if (j["ok"].get<bool>()) return j.contains("result") ? j["result"].dump() : std::string("null");
+    return Status::IoError(j.value("error", std::string("unknown error")));
+  } catch (const json::exception&) {
+    return Status::IoError("malformed reply from the daemon");
+  }
+}
+
+std::string StatusToJson(const StatusReport& r) {
+  json j;
+  j["mountpoint"] = r.mountpoint;
+  j["pid"] = r.pid;
+  j["threads"] = r.threads;
+  json imgs = json::array();
+  for (const auto& i : r.images) {
+    imgs.push_back({{"name", i.name},
+                    {"path", i.path},
+                    {"virtual_size", i.virtual_size},
+                    {"allocated_bytes", i.allocated_bytes},
+                    {"read_only", i.read_only},
+                    {"corrupt", i.corrupt},
+                    {"cache", {{"l2_hits", i.l2_hits}, {"l2_misses", i.l2_misses},
+                               {"refblock_hits", i.refblock_hits}, {"refblock_misses", i.refblock_misses}}},
+                    {"in_flight", i.in_flight},
+                    {"requests", {{"reads", i.reads}, {"writes", i.writes}, {"discards", i.discards},
+                                  {"flushes", i.flushes}}}});
+  }
+  j["images"] = imgs;
+  return j.dump();
+}
+
+Result<StatusReport> StatusFromJson(const std::string& text) {
+  try {
+    json j = json::parse(text);
+    StatusReport r;
+    r.mountpoint = j.at("mountpoint").get<std::string>();
+    r.pid = j.at("pid").get<int64_t>();
+    r.threads = j.at("threads").get<unsigned>();
+    for (const auto& i : j.at("images")) {
+      ImageReport ir;
+      ir.name = i.at("name").get<std::string>();
+      ir.path = i.at("path").get<std::string>();
+      ir.virtual_size = i.at("virtual_size").get<uint64_t>();
+      ir.allocated_bytes = i.at("allocated_bytes").get<uint64_t>();
+      ir.read_only = i.at("read_only").get<bool>();
+      ir.corrupt = i.at("corrupt").get<bool>();
+      ir.l2_hits = i.at("cache").at("l2_hits").get<uint64_t>();
+      ir.l2_misses = i.at("cache").at("l2_misses").get<uint64_t>();
+      ir.refblock_hits = i.at("cache").at("refblock_hits").get<uint64_t>();
+      ir.refblock_misses = i.at("cache").at("refblock_misses").get<uint64_t>();
+      ir.in_flight = i.at("in_flight").get<uint64_t>();
+      ir.reads = i.at("requests").at("reads").get<uint64_t>();
+      ir.writes = i.at("requests").at("writes").get<uint64_t>();
+      ir.discards = i.at("requests").at("discards").get<uint64_t>();
+      ir.flushes = i.at("requests").at("flushes").get<uint64_t>();
+      r.images.push_back(ir);
+    }
+    return r;
+  } catch (const json::exception& e) {
+    return Status::IoError(std::string("malformed status reply: ") + e.what());
+  }
+}
+
+std::string StatusToText(const StatusReport& r) {
+  std::string out = "mountpoint: " + r.mountpoint + "\npid: " + std::to_string(r.pid) +
+                    "\nthreads: " + std::to_string(r.threads) + "\n";
+  for (const auto& i : r.images) {
+    out += "image " + i.name + " (" + i.path + ")" + (i.read_only ? " read-only" : "") +
+           (i.corrupt ? " CORRUPT" : "") + "\n";
+    out += "  virtual size: " + FormatSize(i.virtual_size) + "\n";
+    out += "  allocated: " + FormatSize(i.allocated_bytes) + "\n";
+    out += "  metadata cache: L2 " + std::to_string(i.l2_hits) + " hits / " + std::to_string(i.l2_misses) +
+           " misses, refcount " + std::to_string(i.refblock_hits) + " hits / " +
+           std::to_string(i.refblock_misses) + " misses\n";
+    out += "  in flight: " + std::to_string(i.in_flight) + "\n";
+    out += "  requests: " + std::to_string(i.reads) + " reads, " + std::to_string(i.writes) + " writes, " +
+           std::to_string(i.discards) + " discards, " + std::to_string(i.flushes) + " flushes\n";
+  }
+  return out;
+}
+
+}  // namespace qcowfs::config

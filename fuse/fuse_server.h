@@ -1,0 +1,71 @@
+// FuseServer: exposes BlockDevices as regular files through the kernel's FUSE
+// (low-level API, multi-threaded session loop). No qcow2 knowledge here.
+//
+// A regular-file mountpoint shows the single export as that file (root inode);
+// a directory mountpoint shows each export as an entry of the root directory.
+// Handlers reply exactly once, and never hold a lock across a reply or I/O.
+#pragma once
+
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "block/block_device.h"
+#include "util/status.h"
+
+struct fuse_session;
+
+namespace qcowfs::fuse {
+
+struct Export {
+  std::string name;         // entry name in directory mode
+  std::string image_path;   // for owner/mode/times and status
+  block::BlockDevice* dev = nullptr;
+  bool read_only = false;
+  bool discard_unmap = true;  // false: punch zeroes but frees nothing
+  // Counters (status).
+  std::atomic<uint64_t> in_flight{0};
+  std::atomic<uint64_t> reads{0}, writes{0}, discards{0}, flushes{0};
+};
+
+struct ServerOptions {
+  std::string mountpoint;  // absolute
+  unsigned threads = 0;    // 0: number of CPUs
+  bool allow_other = false;
+  bool foreground = false;
+  bool debug = false;
+};
+
+class FuseServer {
+ public:
+  FuseServer(ServerOptions opts, std::vector<Export*> exports);
+  ~FuseServer();
+
+  // Mounts; on return the mount is live (requests queue until Run()).
+  Status Mount();
+  // Detaches into the background unless foreground (parent exits 0 here).
+  void Daemonize();
+  // Serves requests until unmount or SIGTERM/SIGINT/SIGHUP. Unmounts on return.
+  Status Run();
+  // Asks the loop to stop (control socket, tests).
+  void Stop();
+
+  const ServerOptions& options() const { return opts_; }
+  const std::vector<Export*>& exports() const { return exports_; }
+  bool file_mode() const { return file_mode_; }
+  unsigned threads() const { return threads_; }
+
+ private:
+  ServerOptions opts_;
+  std::vector<Export*> exports_;
+  bool file_mode_ = false;
+  unsigned threads_ = 1;
+  fuse_session* se_ = nullptr;
+  bool mounted_ = false;
+};
+
+}  // namespace qcowfs::fuse
