@@ -1,5 +1,6 @@
 #include "fuse/daemon.h"
 
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include "fuse/control_server.h"
 #include "fuse/fuse_server.h"
 #include "qcow2/image.h"
+#include "util/fd.h"
 #include "util/log.h"
 
 namespace qcowfs::fuse {
@@ -33,6 +35,7 @@ int RunMount(const config::MountConfig& cfg) {
   }
   std::vector<std::unique_ptr<qcow2::Qcow2Image>> images;
   std::vector<std::unique_ptr<Export>> exports;
+  std::vector<UniqueFd> fds;
   for (const auto& ic : cfg.images) {
     qcow2::OpenOptions o;
     o.read_only = ic.read_only;
@@ -46,6 +49,8 @@ int RunMount(const config::MountConfig& cfg) {
     auto e = std::make_unique<Export>();
     e->name = ic.name;
     e->image_path = Absolute(ic.path);
+    e->image_fd = ::open(ic.path.c_str(), O_PATH | O_CLOEXEC);
+    fds.emplace_back(e->image_fd);
     e->dev = r.value().get();
     e->read_only = ic.read_only;
     e->discard_unmap = ic.discard_unmap;

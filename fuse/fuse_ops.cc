@@ -49,8 +49,7 @@ void FillAttr(FuseServer* srv, fuse_ino_t ino, struct stat* st) {
   st->st_ino = ino;
   Export* e = ExportOf(srv, ino);
   if (!e) {  // root directory
-    struct stat mp {};
-    ::stat(srv->options().mountpoint.c_str(), &mp);
+    const struct stat& mp = srv->mountpoint_stat();
     st->st_mode = S_IFDIR | 0755;
     st->st_nlink = 2;
     st->st_uid = mp.st_uid;
@@ -61,7 +60,7 @@ void FillAttr(FuseServer* srv, fuse_ino_t ino, struct stat* st) {
     return;
   }
   struct stat img {};
-  ::stat(e->image_path.c_str(), &img);
+  ::fstat(e->image_fd, &img);  // never a path: it may lie under this mount
   mode_t perm = img.st_mode & 07777;
   if (perm == 0) perm = 0600;
   if (e->read_only) perm &= ~0222;

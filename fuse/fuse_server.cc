@@ -26,6 +26,7 @@ Status FuseServer::Mount() {
   struct stat st;
   if (::stat(opts_.mountpoint.c_str(), &st) < 0)
     return Status::Error(errno, opts_.mountpoint + ": mountpoint " + std::strerror(errno));
+  mountpoint_st_ = st;
   if (S_ISREG(st.st_mode)) {
     if (exports_.size() != 1)
       return Status::Invalid(opts_.mountpoint + ": a regular-file mountpoint shows exactly one image");

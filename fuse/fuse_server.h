@@ -23,7 +23,8 @@ namespace qcowfs::fuse {
 
 struct Export {
   std::string name;         // entry name in directory mode
-  std::string image_path;   // for owner/mode/times and status
+  std::string image_path;   // for status
+  int image_fd = -1;        // O_PATH fd of the image file: owner/mode/times (fstat)
   block::BlockDevice* dev = nullptr;
   bool read_only = false;
   bool discard_unmap = true;  // false: punch zeroes but frees nothing
@@ -58,6 +59,9 @@ class FuseServer {
   const std::vector<Export*>& exports() const { return exports_; }
   bool file_mode() const { return file_mode_; }
   unsigned threads() const { return threads_; }
+  // The mountpoint's attributes from before the mount (stat on it after the
+  // mount would ask this very filesystem and deadlock).
+  const struct stat& mountpoint_stat() const { return mountpoint_st_; }
 
  private:
   ServerOptions opts_;
@@ -66,6 +70,7 @@ class FuseServer {
   unsigned threads_ = 1;
   fuse_session* se_ = nullptr;
   bool mounted_ = false;
+  struct stat mountpoint_st_ {};
 };
 
 }  // namespace qcowfs::fuse

@@ -157,7 +157,8 @@ Result<Header> ParseHeader(const uint8_t* buf, size_t len, uint64_t file_size,
   if (h.refcount_table_clusters == 0) return Bad(name, "refcount table is empty");
   if (uint64_t{h.refcount_table_clusters} * cs > kMaxRefcountTableBytes) return Bad(name, "refcount table too large");
   if (h.refcount_table_offset < cs) return Bad(name, "refcount table overlaps the header");
-  if (h.refcount_table_offset + uint64_t{h.refcount_table_clusters} * cs > file_size + cs)
+  if (h.refcount_table_offset >= file_size ||
+      h.refcount_table_offset + uint64_t{h.refcount_table_clusters} * cs > file_size)
     return Bad(name, "refcount table at " + Hex(h.refcount_table_offset) + " lies beyond the end of the file");
   // Snapshot table.
   if (h.nb_snapshots > 65536) return Bad(name, "too many snapshots");

@@ -45,7 +45,10 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::Open(const std::string& path,
   devs.host = host.get();
   devs.name = path;
   img->owned_host_ = std::move(host);
-  RETURN_IF_ERROR(img->Init(devs, opts, DirName(path), &chain));
+  if (Status s = img->Init(devs, opts, DirName(path), &chain); !s.ok()) {
+    img->closed_ = true;  // a half-open image must not be flushed or touched
+    return s;
+  }
   return img;
 }
 
@@ -53,7 +56,10 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::OpenOn(const OpenDevices& devs,
                                                        const OpenOptions& opts) {
   std::unique_ptr<Qcow2Image> img(new Qcow2Image());
   std::set<std::string> chain;
-  RETURN_IF_ERROR(img->Init(devs, opts, ".", &chain));
+  if (Status s = img->Init(devs, opts, ".", &chain); !s.ok()) {
+    img->closed_ = true;
+    return s;
+  }
   return img;
 }
 
@@ -196,7 +202,10 @@ Status Qcow2Image::OpenBacking(const std::string& dir, std::set<std::string>* ch
     d.name = p;
     img->owned_host_ = std::move(host).value();
     Status s = img->Init(d, bo, p.rfind('/') == std::string::npos ? "." : p.substr(0, std::max<size_t>(1, p.rfind('/'))), chain);
-    if (!s.ok()) return Status::Error(s.err(), name_ + ": backing file: " + s.message());
+    if (!s.ok()) {
+      img->closed_ = true;
+      return Status::Error(s.err(), name_ + ": backing file: " + s.message());
+    }
     backing_desc_ = p + " (qcow2)";
     owned_backing_ = std::move(img);
   } else if (fmt == "raw") {

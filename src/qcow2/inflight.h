@@ -41,7 +41,7 @@ class InFlightTable {
       if (r.start < start + len && start < r.end) return true;
     return false;
   }
-  // Copy of the live ranges, sorted by start (for scans over many clusters).
+  // Copy of the live ranges (unordered; HostRangeSet sorts them).
   std::vector<HostRange> Snapshot() EXCLUDES(mu_);
   size_t size() EXCLUDES(mu_) {
     MutexLock l(&mu_);
