@@ -262,8 +262,9 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
                            : e->dev->WriteZeroes(start, end - start, false);
     } else if (kind == FALLOC_FL_ZERO_RANGE) {
       s = e->dev->WriteZeroes(start, end - start, false);
+    } else {
+      s = e->dev->Allocate(start, end - start);  // mode 0: reserve, reads unchanged
     }
-    // Mode 0 within the file: the data is already readable as it is.
     fuse_reply_err(req, Errno0(s));
   });
 }

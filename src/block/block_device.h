@@ -42,6 +42,12 @@ class BlockDevice {
   // Status of the extent starting at offset, at most len bytes long.
   virtual Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) = 0;
   virtual uint64_t Size() const = 0;
+  // Reserves storage for [offset, offset+len) without changing what it reads.
+  virtual Status Allocate(uint64_t offset, uint64_t len) {
+    (void)offset;
+    (void)len;
+    return Status::Ok();
+  }
   // Grows (or, for host devices, sets) the size.
   virtual Status Resize(uint64_t new_size) = 0;
   virtual bool read_only() const = 0;

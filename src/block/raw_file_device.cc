@@ -175,6 +175,14 @@ Status RawFileDevice::Resize(uint64_t new_size) {
   return Status::Ok();
 }
 
+Status RawFileDevice::Allocate(uint64_t offset, uint64_t len) {
+  if (read_only_) return Status::ReadOnly(path_ + ": read-only");
+  if (fallocate(fd_.get(), FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(len)) < 0 &&
+      errno != EOPNOTSUPP)
+    return Status::Error(errno, ErrnoMessage(path_ + ": fallocate", errno));
+  return Status::Ok();
+}
+
 uint64_t RawFileDevice::AllocatedBytes() const {
   struct stat st;
   if (fstat(fd_.get(), &st) < 0) return 0;

@@ -32,6 +32,7 @@ class RawFileDevice final : public BlockDevice {
   Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   uint64_t Size() const override;
   Status Resize(uint64_t new_size) override;
+  Status Allocate(uint64_t offset, uint64_t len) override;
   bool read_only() const override { return read_only_; }
   uint64_t AllocatedBytes() const override;
 

@@ -98,6 +98,9 @@ class Qcow2Image final : public block::BlockDevice {
   Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   uint64_t Size() const override { return size_.load(); }
   Status Resize(uint64_t new_size) override;
+  // Preallocation: unallocated clusters get a host cluster marked as reading zeros
+  // (v3) or filled with what they read (backing data, or zeros on v2).
+  Status Allocate(uint64_t offset, uint64_t len) override;
   bool read_only() const override { return read_only_; }
   uint64_t AllocatedBytes() const override;
 
@@ -113,7 +116,7 @@ class Qcow2Image final : public block::BlockDevice {
   const std::vector<SnapshotInfo>& snapshots() const { return snapshots_; }
   ImageStats Stats();
   block::BlockDevice* backing() const { return backing_; }
-  // Chain description for `info`: this image, then each backing file.
+  // Chain description for `info`: each backing file below this image, nearest first.
   std::vector<std::string> BackingChain() const;
 
  private:

@@ -443,6 +443,51 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   return Status::Ok();
 }
 
+Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
+  RETURN_IF_ERROR(CheckWritable());
+  if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": beyond the end of the image");
+  const uint64_t cs = geo_.cluster_size;
+  std::vector<uint8_t> buf;
+  for (uint64_t gc = offset / cs; gc * cs < offset + len; gc++) {
+    const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
+    bool copy_data = false;
+    {
+      WriterLock lock(&meta_mu_);
+      LockGuest(gc, gc);
+      struct Unlocker {
+        Qcow2Image* img;
+        uint64_t gc;
+        ~Unlocker() NO_THREAD_SAFETY_ANALYSIS { img->UnlockGuest(gc, gc); }
+      } unlocker{this, gc};
+      ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
+      ClusterInfo ci = Decode(t->data.data(), l2i);
+      if (ci.type != ClusterInfo::kUnallocated) continue;
+      bool reads_zero = ci.bitmap == (1ull << 32) || (geo_.extended_l2 && (ci.bitmap >> 32) == 0xffffffffu) || !backing_;
+      if (!reads_zero || version_ < 3) {
+        copy_data = true;  // allocate by writing what the cluster reads now
+      } else {
+        uint64_t host = gc * cs;
+        if (!has_data_file_) {
+          auto a = AllocClusters(1);
+          if (!a.ok()) return a.status();
+          host = a.value();
+        }
+        Encode(t->data.data(), l2i, host | kOflagCopied, kBitmapAllZero);
+        t->dirty = true;
+        metadata_dirty_ = true;
+      }
+    }
+    if (copy_data) {
+      uint64_t start = gc * cs, n = std::min(cs, Size() - start);
+      buf.resize(n);
+      RETURN_IF_ERROR(Read(start, buf.data(), n));
+      Status s = WriteCluster(start, buf.data(), n);
+      if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
+    }
+  }
+  return Status::Ok();
+}
+
 Status Qcow2Image::Flush() {
   if (closed_) return Status::IoError(name_ + ": image is closed");
   if (read_only_) return Status::Ok();
