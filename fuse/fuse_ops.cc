@@ -219,19 +219,25 @@ void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
   });
 }
 
-void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) noexcept {
+// close(): only descriptors that could write flush (a reader's close costs nothing).
+void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
   Guard(req, [&] {
     Export* e = ExportOf(Server(req), ino);
-    if (!e) return (void)fuse_reply_err(req, 0);
-    if (e->read_only) return (void)fuse_reply_err(req, 0);
+    if (!e || e->read_only || (fi && (fi->flags & O_ACCMODE) == O_RDONLY)) return (void)fuse_reply_err(req, 0);
     InFlight f(e);
     e->flushes.fetch_add(1, std::memory_order_relaxed);
     fuse_reply_err(req, Errno0(e->dev->Flush()));
   });
 }
 
-void OpFsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info* fi) noexcept {
-  OpFlush(req, ino, fi);
+void OpFsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) noexcept {
+  Guard(req, [&] {
+    Export* e = ExportOf(Server(req), ino);
+    if (!e || e->read_only) return (void)fuse_reply_err(req, 0);
+    InFlight f(e);
+    e->flushes.fetch_add(1, std::memory_order_relaxed);
+    fuse_reply_err(req, Errno0(e->dev->Flush()));
+  });
 }
 
 void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, fuse_file_info*) noexcept {
