@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "fuse/fuse_ops.h"
+#include "fuse/kernel_io.h"
 #include "util/log.h"
 
 namespace qcowfs::fuse {
@@ -47,6 +48,8 @@ Status FuseServer::Mount() {
   if (fuse_session_mount(se_, opts_.mountpoint.c_str()) != 0)
     return Status::IoError(opts_.mountpoint + ": mount failed (is /dev/fuse available and the mountpoint free?)");
   mounted_ = true;
+  if (!InstallKernelIo(se_))
+    QCOWFS_LOG(Warn, "%s: parallel direct writes unavailable", opts_.mountpoint.c_str());
   return Status::Ok();
 }
 
