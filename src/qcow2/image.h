@@ -149,6 +149,7 @@ class Qcow2Image final : public block::BlockDevice {
   Status WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len);
   Status ZeroCluster(uint64_t cluster_off, uint64_t in_off, uint64_t len, bool may_unmap, bool discard);
   Status WriteDataFile(uint64_t off, const void* buf, size_t len);
+  uint64_t SkipUnallocatedSpans(uint64_t pos, uint64_t end) EXCLUDES(meta_mu_);
 
   // --- refcounts and allocation (image_alloc.cc)
   Result<TableCache::Entry*> Refblock(uint64_t block_index, bool create) REQUIRES(meta_mu_);

@@ -401,6 +401,17 @@ Status Qcow2Image::ZeroCluster(uint64_t cluster_off, uint64_t in, uint64_t len, 
   }
   return Status::Ok();
 }
+// Where nothing is allocated and nothing lies below, a range already reads zeros:
+// returns the end of the run of whole unallocated L2 spans starting at pos (or pos).
+uint64_t Qcow2Image::SkipUnallocatedSpans(uint64_t pos, uint64_t end) {
+  if (backing_ || data_file_raw_) return pos;
+  ReaderLock lock(&meta_mu_);
+  const uint64_t span = geo_.l2_span();
+  uint64_t p = pos;
+  while (p < end && p % span == 0 && end - p >= span && !(l1_[p / span] & kL1OffsetMask)) p += span;
+  return p;
+}
+
 Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
   RETURN_IF_ERROR(CheckWritable());
   if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": beyond the end of the image");
@@ -408,6 +419,11 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
   uint64_t done = 0;
   while (done < len) {
     uint64_t pos = offset + done;
+    uint64_t skip = SkipUnallocatedSpans(pos, offset + len);
+    if (skip > pos) {
+      done = skip - offset;
+      continue;
+    }
     uint64_t in = pos & (cs - 1);
     uint64_t n = std::min<uint64_t>(len - done, cs - in);
     Status s = ZeroCluster(pos - in, in, n, may_unmap, false);
@@ -429,6 +445,11 @@ Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   uint64_t done = 0;
   while (done < len) {
     uint64_t pos = offset + done;
+    uint64_t skip = SkipUnallocatedSpans(pos, offset + len);
+    if (skip > pos) {
+      done = skip - offset;
+      continue;
+    }
     uint64_t in = pos & (cs - 1);
     uint64_t n = std::min<uint64_t>(len - done, cs - in);
     Status s = ZeroCluster(pos - in, in, n, true, true);
