@@ -42,7 +42,8 @@ class BlockDevice {
   // Status of the extent starting at offset, at most len bytes long.
   virtual Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) = 0;
   virtual uint64_t Size() const = 0;
-  // Reserves storage for [offset, offset+len) without changing what it reads.
+  // Reserves storage for [offset, offset+len) without changing what it reads
+  // (a host device grows to cover the range).
   virtual Status Allocate(uint64_t offset, uint64_t len) {
     (void)offset;
     (void)len;

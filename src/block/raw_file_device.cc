@@ -177,9 +177,11 @@ Status RawFileDevice::Resize(uint64_t new_size) {
 
 Status RawFileDevice::Allocate(uint64_t offset, uint64_t len) {
   if (read_only_) return Status::ReadOnly(path_ + ": read-only");
-  if (fallocate(fd_.get(), FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), static_cast<off_t>(len)) < 0 &&
-      errno != EOPNOTSUPP)
-    return Status::Error(errno, ErrnoMessage(path_ + ": fallocate", errno));
+  // Mode 0: the file grows to cover the range, like writing zeros would.
+  if (fallocate(fd_.get(), 0, static_cast<off_t>(offset), static_cast<off_t>(len)) == 0) return Status::Ok();
+  if (errno != EOPNOTSUPP) return Status::Error(errno, ErrnoMessage(path_ + ": fallocate", errno));
+  if (Size() < offset + len && ftruncate(fd_.get(), static_cast<off_t>(offset + len)) < 0)
+    return Status::Error(errno, ErrnoMessage(path_ + ": truncate", errno));
   return Status::Ok();
 }
 

@@ -493,6 +493,9 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
           if (!a.ok()) return a.status();
           host = a.value();
         }
+        // Reserve the host range before the entry can reach the disk: an L2 entry
+        // must never point past the end of the host file.
+        RETURN_IF_ERROR(data_->Allocate(host, cs));
         Encode(t->data.data(), l2i, host | kOflagCopied, kBitmapAllZero);
         t->dirty = true;
         metadata_dirty_ = true;

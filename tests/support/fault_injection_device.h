@@ -35,6 +35,10 @@ class FaultInjectionDevice final : public block::BlockDevice {
   Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   uint64_t Size() const override;
   Status Resize(uint64_t new_size) override;
+  // Grows the device to cover the range (like fallocate mode 0 on a file).
+  Status Allocate(uint64_t offset, uint64_t len) override {
+    return offset + len > Size() ? Resize(offset + len) : Status::Ok();
+  }
   bool read_only() const override { return false; }
   uint64_t AllocatedBytes() const override;
 

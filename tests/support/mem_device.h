@@ -29,6 +29,10 @@ class MemDevice final : public block::BlockDevice {
   uint64_t Size() const override;
   // Sets the size (grows or shrinks); bytes past a shrink are dropped.
   Status Resize(uint64_t new_size) override;
+  // Grows the device to cover the range (like fallocate mode 0 on a file).
+  Status Allocate(uint64_t offset, uint64_t len) override {
+    return offset + len > Size() ? Resize(offset + len) : Status::Ok();
+  }
   bool read_only() const override { return false; }
   // Number of present chunks * 64 KiB.
   uint64_t AllocatedBytes() const override;

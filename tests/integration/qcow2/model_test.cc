@@ -398,6 +398,12 @@ struct Runner {
         qcowfs::Status s = img->WriteZeroes(off, len, unmap);
         REQUIRE_MESSAGE(s.ok(), op << ": " << s.message());
         memset(model.data() + off, 0, len);
+      } else if (kind < 60) {
+        os << "Allocate " << off << "+" << len;
+        op = os.str();
+        qcowfs::Status s = img->Allocate(off, len);  // preallocation: reads unchanged
+        REQUIRE_MESSAGE(s.ok(), op << ": " << s.message());
+        if (R(2) == 0) CheckRange(off, len);
       } else if (kind < 61) {
         op = os.str() + "Flush";
         qcowfs::Status s = img->Flush();
