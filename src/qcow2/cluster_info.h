@@ -12,7 +12,7 @@ namespace qcowfs::qcow2 {
 enum class SubState { kUnalloc, kZero, kData };
 
 struct Qcow2Image::ClusterInfo {
-  enum Type { kUnallocated, kNormal, kCompressed } type = kUnallocated;
+  enum Type { kUnallocated, kNormal, kCompressed, kInvalid } type = kUnallocated;
   uint64_t entry = 0;   // raw first word
   uint64_t bitmap = 0;  // extended L2 bitmap, or synthesized (bit 0 data, bit 32 zero)
   uint64_t host = 0;    // kNormal: host cluster offset
@@ -21,6 +21,7 @@ struct Qcow2Image::ClusterInfo {
 
   SubState Sub(uint32_t s) const {
     if (type == kCompressed) return SubState::kData;
+    if (type == kInvalid) return SubState::kZero;
     if (bitmap & (1ull << s)) return type == kNormal ? SubState::kData : SubState::kUnalloc;
     if (bitmap & (1ull << (32 + s))) return SubState::kZero;
     return SubState::kUnalloc;

@@ -78,7 +78,7 @@ struct ImageStats {
 
 // Mapping of one guest extent, produced under meta_mu_.
 struct Extent {
-  enum Kind { kData, kZero, kBacking, kCompressed } kind;
+  enum Kind { kData, kZero, kBacking, kCompressed, kInvalid } kind;
   uint64_t guest;
   uint64_t len;
   uint64_t host;       // kData: host offset; kCompressed: L2 entry descriptor
@@ -135,7 +135,9 @@ class Qcow2Image final : public block::BlockDevice {
   // Table at L1 index for reading: nullptr when not cached (caller loads it).
   const uint8_t* CachedL2(uint64_t l1_index, bool* unallocated) REQUIRES_SHARED(meta_mu_);
   Status LoadL2(uint64_t l2_offset) REQUIRES(meta_mu_);
-  ClusterInfo Decode(const uint8_t* l2, uint64_t index) const;
+  // Decodes guest cluster gc's entry in its L2 table.
+  ClusterInfo Decode(const uint8_t* l2, uint64_t gc) const;
+  Status InvalidEntry(uint64_t gc) const;
   void Encode(uint8_t* l2, uint64_t index, uint64_t entry, uint64_t bitmap) const;
   // Maps [off, off+len) within cached tables; returns bytes mapped (0: load needed).
   uint64_t MapCached(uint64_t off, uint64_t len, std::vector<Extent>* out) REQUIRES_SHARED(meta_mu_);
@@ -147,6 +149,7 @@ class Qcow2Image final : public block::BlockDevice {
   Status ReadBacking(uint64_t off, uint8_t* buf, uint64_t len);
   Status ReadCompressed(uint64_t desc, uint8_t* out);
   Status WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len);
+  Status ZeroRange(uint64_t offset, uint64_t len, bool may_unmap, bool discard) EXCLUDES(meta_mu_);
   Status ZeroCluster(uint64_t cluster_off, uint64_t in_off, uint64_t len, bool may_unmap, bool discard);
   Status WriteDataFile(uint64_t off, const void* buf, size_t len);
   uint64_t SkipUnallocatedSpans(uint64_t pos, uint64_t end) EXCLUDES(meta_mu_);

@@ -58,25 +58,22 @@ Status Qcow2Image::FlushLocked() {
   RETURN_IF_ERROR(data_->Flush());
   if (data_ != host_ && (any_l2 || any_rb)) RETURN_IF_ERROR(host_->Flush());
   // 2. Refcount blocks (increments before the entries that use them).
-  if (any_rb) {
+  auto write_dirty = [&](TableCache* cache) {
     Status st;
-    rb_cache_->ForEach([&](TableCache::Entry* e) {
+    cache->ForEach([&](TableCache::Entry* e) {
       if (!e->dirty || !st.ok()) return;
       st = host_->Write(e->offset, e->data.data(), e->data.size());
       if (st.ok()) e->dirty = false;
     });
-    RETURN_IF_ERROR(st);
+    return st;
+  };
+  if (any_rb) {
+    RETURN_IF_ERROR(write_dirty(rb_cache_.get()));
     if (!lazy_refcounts_) RETURN_IF_ERROR(host_->Flush());
   }
   // 3. L2 tables.
   if (any_l2) {
-    Status st;
-    l2_cache_->ForEach([&](TableCache::Entry* e) {
-      if (!e->dirty || !st.ok()) return;
-      st = host_->Write(e->offset, e->data.data(), e->data.size());
-      if (st.ok()) e->dirty = false;
-    });
-    RETURN_IF_ERROR(st);
+    RETURN_IF_ERROR(write_dirty(l2_cache_.get()));
     RETURN_IF_ERROR(host_->Flush());
   }
   // 4a. L1 and refcount table clusters.

@@ -81,6 +81,7 @@ Status Qcow2Image::ReadExtents(const std::vector<Extent>& ext, uint8_t* buf, uin
     switch (e.kind) {
       case Extent::kData: RETURN_IF_ERROR(data_->Read(e.host, dst, e.len)); break;
       case Extent::kZero: std::memset(dst, 0, e.len); break;
+      case Extent::kInvalid: return InvalidEntry(e.guest / geo_.cluster_size);
       case Extent::kBacking: RETURN_IF_ERROR(ReadBacking(e.guest, dst, e.len)); break;
       case Extent::kCompressed: {
         tmp.resize(geo_.cluster_size);
@@ -179,7 +180,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
       bool unalloc = false;
       const uint8_t* l2 = (l1_[l1i] & kOflagCopied) ? CachedL2(l1i, &unalloc) : nullptr;
       if (l2) {
-        ClusterInfo ci = Decode(l2, l2i);
+        ClusterInfo ci = Decode(l2, gc);
         if (in_place(ci)) {
           host = ci.host + in;
           if (!has_data_file_) {
@@ -203,8 +204,9 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
   {
     auto t = L2ForWrite(l1i);
     if (!t.ok()) return UnlockAndFail(gc, t.status());
-    old = Decode(t.value()->data.data(), l2i);
+    old = Decode(t.value()->data.data(), gc);
   }
+  if (old.type == ClusterInfo::kInvalid) return UnlockAndFail(gc, InvalidEntry(gc));
   if (in_place(old)) {  // became allocated while we waited
     host = old.host + in;
     Status s = has_data_file_ ? Status::Ok() : CheckOverlap(host, len, "data");
@@ -338,7 +340,8 @@ Status Qcow2Image::ZeroCluster(uint64_t cluster_off, uint64_t in, uint64_t len, 
     // Nothing to do where the range already reads zeros without a backing file.
     if (!(l1_[l1i] & kL1OffsetMask) && !backing_ && !data_file_raw_) return Status::Ok();
     ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
-    ClusterInfo ci = Decode(t->data.data(), l2i);
+    ClusterInfo ci = Decode(t->data.data(), gc);
+    if (ci.type == ClusterInfo::kInvalid) return InvalidEntry(gc);
     if (data_file_raw_) {
       // The data file must stay a valid raw image: zero it there.
       RETURN_IF_ERROR(data_->WriteZeroes(gc * cs + in, len, may_unmap));
@@ -412,9 +415,9 @@ uint64_t Qcow2Image::SkipUnallocatedSpans(uint64_t pos, uint64_t end) {
   return p;
 }
 
-Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
-  RETURN_IF_ERROR(CheckWritable());
-  if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": beyond the end of the image");
+// Zeroes (discard: punches) [offset, offset+len) cluster by cluster; when that freed
+// clusters, flushes so the dropped references are durable and the space is given back.
+Status Qcow2Image::ZeroRange(uint64_t offset, uint64_t len, bool may_unmap, bool discard) {
   const uint64_t cs = geo_.cluster_size;
   uint64_t done = 0;
   while (done < len) {
@@ -426,42 +429,25 @@ Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
     }
     uint64_t in = pos & (cs - 1);
     uint64_t n = std::min<uint64_t>(len - done, cs - in);
-    Status s = ZeroCluster(pos - in, in, n, may_unmap, false);
+    Status s = ZeroCluster(pos - in, in, n, may_unmap, discard);
     if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
     done += n;
   }
-  if (may_unmap) {  // give the space back now
-    WriterLock lock(&meta_mu_);
-    if (!pending_free_.empty()) return FlushLocked();
-  }
-  return Status::Ok();
+  if (!may_unmap) return Status::Ok();
+  WriterLock lock(&meta_mu_);
+  return pending_free_.empty() ? Status::Ok() : FlushLocked();
+}
+
+Status Qcow2Image::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
+  RETURN_IF_ERROR(CheckWritable());
+  if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": beyond the end of the image");
+  return ZeroRange(offset, len, may_unmap, false);
 }
 
 Status Qcow2Image::Discard(uint64_t offset, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable());
   if (offset >= Size()) return Status::Ok();
-  len = std::min<uint64_t>(len, Size() - offset);
-  const uint64_t cs = geo_.cluster_size;
-  uint64_t done = 0;
-  while (done < len) {
-    uint64_t pos = offset + done;
-    uint64_t skip = SkipUnallocatedSpans(pos, offset + len);
-    if (skip > pos) {
-      done = skip - offset;
-      continue;
-    }
-    uint64_t in = pos & (cs - 1);
-    uint64_t n = std::min<uint64_t>(len - done, cs - in);
-    Status s = ZeroCluster(pos - in, in, n, true, true);
-    if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
-    done += n;
-  }
-  WriterLock lock(&meta_mu_);
-  if (!pending_free_.empty()) {
-    // The dropped references go to disk, then the clusters are freed and punched.
-    RETURN_IF_ERROR(FlushLocked());
-  }
-  return Status::Ok();
+  return ZeroRange(offset, std::min<uint64_t>(len, Size() - offset), true, true);
 }
 
 Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
@@ -481,7 +467,8 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
         ~Unlocker() NO_THREAD_SAFETY_ANALYSIS { img->UnlockGuest(gc, gc); }
       } unlocker{this, gc};
       ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
-      ClusterInfo ci = Decode(t->data.data(), l2i);
+      ClusterInfo ci = Decode(t->data.data(), gc);
+      if (ci.type == ClusterInfo::kInvalid) return InvalidEntry(gc);
       if (ci.type != ClusterInfo::kUnallocated) continue;
       bool reads_zero = ci.bitmap == (1ull << 32) || (geo_.extended_l2 && (ci.bitmap >> 32) == 0xffffffffu) || !backing_;
       if (!reads_zero || version_ < 3) {
@@ -538,7 +525,8 @@ Result<block::BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t 
     switch (k) {
       case Extent::kData:
       case Extent::kCompressed: return block::ExtentType::kData;
-      case Extent::kZero: return block::ExtentType::kZero;
+      case Extent::kZero:
+      case Extent::kInvalid: return block::ExtentType::kZero;
       default: return block::ExtentType::kUnallocated;
     }
   };

@@ -6,19 +6,22 @@
 
 namespace qcowfs::qcow2 {
 
-Qcow2Image::ClusterInfo Qcow2Image::Decode(const uint8_t* l2, uint64_t index) const {
+Qcow2Image::ClusterInfo Qcow2Image::Decode(const uint8_t* l2, uint64_t gc) const {
   ClusterInfo ci;
-  const uint8_t* p = l2 + index * geo_.l2_entry_size;
+  const uint8_t* p = l2 + (gc % geo_.l2_entries) * geo_.l2_entry_size;
   ci.entry = LoadBE64(p);
   ci.nsub = geo_.extended_l2 ? kSubclusters : 1;
   if (ci.entry & kOflagCompressed) {
-    ci.type = ClusterInfo::kCompressed;
+    // An external data file holds no compressed clusters.
+    ci.type = has_data_file_ ? ClusterInfo::kInvalid : ClusterInfo::kCompressed;
     return ci;
   }
   ci.copied = (ci.entry & kOflagCopied) != 0;
   ci.host = ci.entry & kL2OffsetMask;
   bool allocated = ci.host != 0 || (has_data_file_ && ci.copied);
   ci.type = allocated ? ClusterInfo::kNormal : ClusterInfo::kUnallocated;
+  // With a data file, the host offset is the guest offset (qcow2.txt, bit 2).
+  if (allocated && has_data_file_ && ci.host != gc * geo_.cluster_size) ci.type = ClusterInfo::kInvalid;
   if (geo_.extended_l2) {
     ci.bitmap = LoadBE64(p + 8);
   } else if (ci.entry & kOflagZero && version_ >= 3) {
@@ -71,7 +74,7 @@ uint64_t Qcow2Image::MapCached(uint64_t off, uint64_t len, std::vector<Extent>* 
     if (!out->empty()) {
       Extent& b = out->back();
       bool contiguous_host = (k != Extent::kData) || b.host + b.len == host;
-      if (b.kind == k && k != Extent::kCompressed && b.guest + b.len == g && contiguous_host) {
+      if (b.kind == k && k != Extent::kCompressed && k != Extent::kInvalid && b.guest + b.len == g && contiguous_host) {
         b.len += n;
         return;
       }
@@ -97,9 +100,14 @@ uint64_t Qcow2Image::MapCached(uint64_t off, uint64_t len, std::vector<Extent>* 
       continue;
     }
     if (!l2) return done;
-    ClusterInfo ci = Decode(l2, gc % geo_.l2_entries);
+    ClusterInfo ci = Decode(l2, gc);
     uint64_t in = pos - gc * cs;
     uint64_t cend = std::min(cs, in + (len - done));
+    if (ci.type == ClusterInfo::kInvalid) {
+      push(Extent::kInvalid, pos, cend - in, 0);
+      done += cend - in;
+      continue;
+    }
     if (ci.type == ClusterInfo::kCompressed) {
       push(Extent::kCompressed, pos, cend - in, ci.entry);
       done += cend - in;
@@ -118,6 +126,11 @@ uint64_t Qcow2Image::MapCached(uint64_t off, uint64_t len, std::vector<Extent>* 
     }
   }
   return done;
+}
+
+Status Qcow2Image::InvalidEntry(uint64_t gc) const {
+  return Status::Corruption(name_ + ": L2 entry of guest offset " + std::to_string(gc * geo_.cluster_size) +
+                            " is invalid for an image with an external data file");
 }
 
 Result<TableCache::Entry*> Qcow2Image::L2ForWrite(uint64_t l1_index) {
