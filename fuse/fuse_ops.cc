@@ -86,8 +86,13 @@ class InFlight {
   Export* e_;
 };
 
+struct AlignedFree {
+  void operator()(uint8_t* p) const { ::operator delete[](p, std::align_val_t(4096)); }
+};
+
+// One page-aligned 1 MiB buffer per worker thread for read replies.
 uint8_t* ThreadBuffer() {
-  thread_local std::unique_ptr<uint8_t[]> buf;
+  thread_local std::unique_ptr<uint8_t[], AlignedFree> buf;
   if (!buf) buf.reset(new (std::align_val_t(4096)) uint8_t[kMaxIo]);
   return buf.get();
 }

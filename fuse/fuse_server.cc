@@ -44,6 +44,7 @@ Status FuseServer::Mount() {
   for (auto& a : argv_s) argv.push_back(a.data());
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
   se_ = fuse_session_new(&args, Operations(), sizeof(fuse_lowlevel_ops), this);
+  fuse_opt_free_args(&args);
   if (!se_) return Status::Invalid(opts_.mountpoint + ": could not create the FUSE session");
   if (fuse_session_mount(se_, opts_.mountpoint.c_str()) != 0)
     return Status::IoError(opts_.mountpoint + ": mount failed (is /dev/fuse available and the mountpoint free?)");
