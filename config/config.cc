@@ -104,6 +104,8 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
     auto pos = msg.find("syntax error");
     return Status::Invalid(file + ": invalid JSON at " + LineColumn(text, e.byte) + ": " +
                            (pos != std::string::npos ? msg.substr(pos) : msg));
+  } catch (const json::exception& e) {  // e.g. a number out of range
+    return Status::Invalid(file + ": invalid JSON: " + e.what());
   }
   if (!j.is_object()) return Status::Invalid(file + ": the config must be a JSON object");
   MountConfig cfg;
@@ -124,7 +126,7 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
       if (!v.is_array()) return KeyError(file, k, "must be an array of mirror jobs");
       for (size_t i = 0; i < v.size(); i++) {
         if (!v[i].is_object()) return KeyError(file, k + "[" + std::to_string(i) + "]", "must be an object");
-        cfg.mirrors.push_back(v[i].dump());
+        cfg.mirrors.push_back(v[i].dump(-1, ' ', false, json::error_handler_t::replace));
       }
     } else if (k == "images") {
       if (!v.is_array() || v.empty()) return KeyError(file, k, "must be a non-empty array of images");

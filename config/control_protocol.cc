@@ -8,6 +8,11 @@ namespace qcowfs::config {
 
 using nlohmann::json;
 
+namespace {
+// Text from the outside (paths, names) may not be UTF-8: replace, never throw.
+std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+}  // namespace
+
 Result<ControlRequest> ParseControlRequest(const std::string& line) {
   json j;
   try {
@@ -23,7 +28,7 @@ Result<ControlRequest> ParseControlRequest(const std::string& line) {
       r.cmd = it.value().get<std::string>();
     } else if (it.key() == "args") {
       if (!it.value().is_object()) return Status::Invalid("malformed request: \"args\" must be an object");
-      r.args_json = it.value().dump();
+      r.args_json = Dump(it.value());
     } else {
       return Status::Invalid("malformed request: unknown key \"" + it.key() + "\"");
     }
@@ -36,28 +41,28 @@ std::string FormatOkReply(const std::string& result_json) {
   json j;
   j["ok"] = true;
   j["result"] = json::parse(result_json);
-  return j.dump() + "\n";
+  return Dump(j) + "\n";
 }
 
 std::string FormatErrorReply(const std::string& error) {
   json j;
   j["ok"] = false;
   j["error"] = error;
-  return j.dump() + "\n";
+  return Dump(j) + "\n";
 }
 
 std::string FormatRequest(const std::string& cmd, const std::string& args_json) {
   json j;
   j["cmd"] = cmd;
   j["args"] = json::parse(args_json);
-  return j.dump() + "\n";
+  return Dump(j) + "\n";
 }
 
 Result<std::string> ParseReply(const std::string& line) {
   try {
     json j = json::parse(line);
     if (!j.is_object() || !j.contains("ok")) return Status::IoError("malformed reply from the daemon");
-    if (j["ok"].get<bool>()) return j.contains("result") ? j["result"].dump() : std::string("null");
+    if (j["ok"].get<bool>()) return j.contains("result") ? Dump(j["result"]) : std::string("null");
     return Status::IoError(j.value("error", std::string("unknown error")));
   } catch (const json::exception&) {
     return Status::IoError("malformed reply from the daemon");
@@ -84,7 +89,7 @@ std::string StatusToJson(const StatusReport& r) {
                                   {"flushes", i.flushes}}}});
   }
   j["images"] = imgs;
-  return j.dump();
+  return Dump(j);
 }
 
 Result<StatusReport> StatusFromJson(const std::string& text) {

@@ -128,6 +128,14 @@ void ControlServer::Serve(int fd) {
 }
 
 std::string ControlServer::Handle(const std::string& line) {
+  try {
+    return Dispatch(line);
+  } catch (const std::exception& e) {  // a handler bug must not take the daemon down
+    return config::FormatErrorReply(std::string("internal error: ") + e.what());
+  }
+}
+
+std::string ControlServer::Dispatch(const std::string& line) {
   auto req = config::ParseControlRequest(line);
   if (!req.ok()) return config::FormatErrorReply(req.status().message());
   auto it = handlers_.find(req.value().cmd);

@@ -32,6 +32,7 @@ class ControlServer {
   void Loop();
   void Serve(int fd);
   std::string Handle(const std::string& line);
+  std::string Dispatch(const std::string& line);
 
   std::string path_;
   UniqueFd listen_fd_;

@@ -211,7 +211,7 @@ int CmdInfo(const std::vector<std::string>& args) {
       snaps.push_back({{"id", s.id}, {"name", s.name}, {"date-sec", s.date_sec},
                        {"vm-clock-nsec", s.vm_clock_ns}, {"vm-state-size", s.vm_state_size}});
     j["snapshots"] = snaps;
-    std::cout << j.dump(2) << "\n";
+    std::cout << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     return 0;
   }
   std::printf("image: %s\n", path.c_str());
@@ -359,7 +359,7 @@ int CmdStatus(const std::vector<std::string>& args) {
     return 1;
   }
   if (vm.count("json")) {
-    std::cout << nlohmann::json::parse(r.value()).dump(2) << "\n";
+    std::cout << nlohmann::json::parse(r.value()).dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     return 0;
   }
   auto st = config::StatusFromJson(r.value());

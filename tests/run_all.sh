@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The project's test command (what .ci/run and README.md run). From the repository root:
 #   bash tests/run_all.sh             gcc build + ctest, ASan/UBSan build + ctest,
-#                                     clang-14 -Wthread-safety build
+#                                     clang-14 -Wthread-safety build, TSan concurrency
+#                                     tests, libFuzzer (2 minutes per target)
 #   QCOWFS_QUICK=1 bash tests/run_all.sh   only the first (for local iteration)
 # Environment: JOBS (default 2) for build and ctest parallelism; CI=true turns a missing
-# tool from a skip into a failure.
+# tool from a skip into a failure; QCOWFS_FUZZ_TIME (default 120) seconds per fuzz target.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -38,6 +39,55 @@ build_and_test() {
   fi
 }
 
+# Prints the tools in "$@" that are not installed; succeeds only when none is missing.
+missing_tools() {
+  local out=()
+  for t in "$@"; do command -v "$t" >/dev/null || out+=("$t"); done
+  echo "${out[*]}"
+  [[ ${#out[@]} == 0 ]]
+}
+skip_or_fail() {
+  if [[ "${CI:-}" == true ]]; then
+    echo "$1 (CI=true: failing)"
+    return 1
+  fi
+  echo "SKIPPED: $1"
+  summary+=("skipped: $1")
+}
+
+# run_fuzzer TARGET: fuzz build-fuzz/seeds/TARGET for FUZZ_TIME seconds on a copy of the
+# seeds; a crash, leak, timeout or OOM fails the step and names the saved input.
+FUZZ_TIME="${QCOWFS_FUZZ_TIME:-120}"
+run_fuzzer() {
+  local t="$1" dir="build-fuzz/fuzz-run/$1"
+  mkdir -p "$dir/corpus" "$dir/artifacts"
+  cp build-fuzz/seeds/"$t"/* "$dir/corpus/"
+  local start=$SECONDS rc=0
+  # Every seed once at full size (the fuzzing run truncates inputs to -max_len, 1 MiB, so
+  # the 2 MiB-cluster images are only exercised here), then fuzz.
+  local -x UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}"
+  build-fuzz/tests/fuzz/fuzz_"$t" -rss_limit_mb=2048 -timeout=10 \
+    -artifact_prefix="$dir/artifacts/" "$dir"/corpus/* >"$dir/log" 2>&1 || rc=$?
+  if [[ $rc == 0 ]]; then
+    build-fuzz/tests/fuzz/fuzz_"$t" -max_total_time="$FUZZ_TIME" -max_len=1048576 \
+      -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 -artifact_prefix="$dir/artifacts/" \
+      "$dir/corpus" >>"$dir/log" 2>&1 || rc=$?
+  fi
+  if [[ $rc != 0 ]]; then
+    grep -v '^qcowfs: ' "$dir/log" | tail -n 50
+    echo "fuzz_$t FAILED (exit $rc) after $((SECONDS - start))s; full log: $dir/log"
+    local inputs=("$dir"/artifacts/*)
+    # A seed that fails on replay is not copied to artifacts/: name the last one run.
+    [[ -e "${inputs[0]}" ]] || inputs=("$(sed -n 's/^Running: //p' "$dir/log" | tail -n 1)")
+    for f in "${inputs[@]}"; do
+      echo "crash input: $f  (save it as tests/fuzz/regressions/$t/<short-name>)"
+    done
+    return 1
+  fi
+  grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$dir/log" || true
+  echo "fuzz_$t: no findings in $((SECONDS - start))s; corpus $(ls "$dir/corpus" | wc -l) inputs"
+}
+
 step "gcc: optimised build with assertions (build/)"
 build_and_test build yes -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
@@ -52,11 +102,40 @@ if [[ "$QUICK" != 1 ]]; then
   summary+=("gcc ASan+UBSan + ctest: ok")
 
   step "clang-14: -Wthread-safety -Werror build (build-clang/)"
-  build_and_test build-clang no -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_THREAD_SAFETY=ON \
+  # The annotated locks live in the product code: build qcowfs and its libraries only.
+  cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_THREAD_SAFETY=ON \
     -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14
+  cmake --build build-clang -j"$JOBS" --target qcowfs
   summary+=("clang-14 thread-safety build: ok")
+
+  step "gcc: TSan, the concurrency tests (build-tsan/)"
+  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=tsan \
+    -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
+  cmake --build build-tsan -j"$JOBS" --target unit_qcow2
+  # race:* (discard/rewrite races, overlapping allocations, concurrent I/O + flush) and
+  # inflight:* (the tracked-request table, incl. 4-thread register/release).
+  (cd build-tsan/tests && TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" \
+    ./unit_qcow2 -tc='race:*,inflight:*')
+  summary+=("gcc TSan concurrency tests: ok")
+
+  step "clang-14: libFuzzer, ${FUZZ_TIME}s per target (build-fuzz/)"
+  if missing="$(missing_tools clang++-14 qemu-img qemu-io)"; then
+    cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_FUZZ=ON \
+      -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14
+    cmake --build build-fuzz -j"$JOBS" --target fuzz_image fuzz_config
+    # Saved crash inputs (tests/fuzz/regressions/) and the config seeds first.
+    (cd build-fuzz && ctest --output-on-failure -R '^fuzz_')
+    rm -rf build-fuzz/seeds build-fuzz/fuzz-run
+    bash tests/fuzz/make_seeds.sh build-fuzz/seeds/image
+    cp -r tests/fuzz/seeds/config build-fuzz/seeds/config
+    run_fuzzer image
+    run_fuzzer config
+    summary+=("clang-14 libFuzzer (fuzz_image, fuzz_config; ${FUZZ_TIME}s each): ok")
+  else
+    skip_or_fail "libFuzzer pass: $missing not found"
+  fi
 else
-  summary+=("ASan/UBSan and clang thread-safety passes skipped (QCOWFS_QUICK=1)")
+  summary+=("ASan/UBSan, clang thread-safety, TSan and libFuzzer passes skipped (QCOWFS_QUICK=1)")
 fi
 
 step "summary"

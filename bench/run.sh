@@ -1,0 +1,484 @@
+#!/usr/bin/env bash
+# qcowfs benchmark: the same qcow2 image through qcowfs and through qemu-storage-daemon's FUSE
+# export, and a raw copy without FUSE, driven by fio. See bench/README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: bench/run.sh [OPTIONS]
+
+Mounts one pre-filled qcow2 image with qcowfs and with qemu-storage-daemon's FUSE export
+(one after the other), runs the same fio workloads through each and on a raw copy without
+FUSE, and prints markdown tables of medians with the ratio qcowfs / qemu-storage-daemon.
+Every qcow2 image is checked with `qemu-img check` after each use; a failed check fails the
+run. Progress goes to stderr, the report to stdout (`bench/run.sh > report.md`).
+
+Workloads (psync, iodepth 1 per job, O_DIRECT on the FUSE files):
+  seq-read-1M, seq-write-1M, rand-read-4k (1 and 4 jobs), rand-rewrite-4k (4 jobs),
+  rand-rw-70/30-4k (4 jobs), first-touch-64k (random 64k writes on a fresh empty image);
+  names: seq-read-1M seq-write-1M rand-read-4k-1j rand-read-4k-4j rand-rewrite-4k-4j
+  rand-rw70-4k-4j first-touch-64k.
+
+Options:
+  --size SIZE          virtual size of the test image (default 1G; K/M/G/T suffixes)
+  --runtime SEC        seconds per fio job (default 10)
+  --repeat N           runs per workload and target; the table shows medians (default 3)
+  --quick              smoke run: --size 256M --runtime 2 --repeat 1 (explicit options win)
+  --workloads LIST     comma-separated subset of the workload names above (default: all)
+  --cluster-size SIZE  qcow2 cluster size (default 64K)
+  --threads N          qcowfs mount --threads N (default: qcowfs's own default)
+  --raw-direct         O_DIRECT on the raw copy too (default: buffered, see README)
+  --scale              also run the scale section: mount time and daemon RSS against
+                       virtual size (fresh sparse images)
+  --scale-only         run only the scale section
+  --scale-sizes LIST   comma-separated virtual sizes for --scale (default 1G,1T,64T)
+  --scale-writes N     random 4k writes spread over the image before reading RSS (default 100)
+  --workdir DIR        parent of the scratch directory (default /var/tmp); the scratch
+                       directory (mktemp -d) is removed at the end unless --keep
+  --keep               keep the scratch directory
+  --qcowfs PATH        qcowfs binary (default: ../build/qcowfs relative to this script)
+  -h, --help           show this help
+
+Needs: fio, qemu-img, qemu-storage-daemon (Debian: qemu-system-common), fusermount3,
+findmnt, python3, and /dev/fuse; run as root (or a user allowed to mount FUSE).
+EOF
+}
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ORIG_ARGS=("$@")
+
+opt_size="" opt_runtime="" opt_repeat="" quick=0
+cluster=64K threads="" raw_direct=0 do_main=1 do_scale=0
+scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
+qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
+
+need_arg() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value" >&2; usage >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --size) need_arg "$@"; opt_size=$2; shift 2 ;;
+    --runtime) need_arg "$@"; opt_runtime=$2; shift 2 ;;
+    --repeat) need_arg "$@"; opt_repeat=$2; shift 2 ;;
+    --quick) quick=1; shift ;;
+    --workloads) need_arg "$@"; workloads=$2; shift 2 ;;
+    --cluster-size) need_arg "$@"; cluster=$2; shift 2 ;;
+    --threads) need_arg "$@"; threads=$2; shift 2 ;;
+    --raw-direct) raw_direct=1; shift ;;
+    --scale) do_scale=1; shift ;;
+    --scale-only) do_scale=1; do_main=0; shift ;;
+    --scale-sizes) need_arg "$@"; scale_sizes=$2; shift 2 ;;
+    --scale-writes) need_arg "$@"; scale_writes=$2; shift 2 ;;
+    --workdir) need_arg "$@"; workdir_parent=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    --qcowfs) need_arg "$@"; qcowfs_bin=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+if [[ $quick == 1 ]]; then
+  size=${opt_size:-256M} runtime=${opt_runtime:-2} repeat=${opt_repeat:-1}
+else
+  size=${opt_size:-1G} runtime=${opt_runtime:-10} repeat=${opt_repeat:-3}
+fi
+[[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer"
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive integer"
+[[ $scale_writes =~ ^[1-9][0-9]*$ ]] || die "--scale-writes must be a positive integer"
+[[ -z $threads || $threads =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer"
+size_bytes=$(numfmt --from=iec "$size" 2>/dev/null) || die "bad --size: $size"
+cluster_bytes=$(numfmt --from=iec "$cluster" 2>/dev/null) || die "bad --cluster-size: $cluster"
+(( size_bytes >= 16 * 1048576 && size_bytes % 1048576 == 0 )) ||
+  die "--size must be a multiple of 1M and at least 16M"
+IFS=, read -r -a scale_list <<<"$scale_sizes"
+for s in "${scale_list[@]}"; do numfmt --from=iec "$s" >/dev/null 2>&1 || die "bad --scale-sizes entry: $s"; done
+
+for tool in fio qemu-img qemu-storage-daemon fusermount3 findmnt python3 numfmt; do
+  command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install -y fio qemu-utils qemu-system-common fuse3 util-linux python3)"
+done
+[[ -x $qcowfs_bin ]] || die "qcowfs binary not found: $qcowfs_bin (build it: cmake --build build --target qcowfs)"
+qcowfs_bin=$(cd "$(dirname "$qcowfs_bin")" && pwd)/$(basename "$qcowfs_bin")
+[[ -e /dev/fuse ]] || die "/dev/fuse missing"
+[[ -d $workdir_parent ]] || die "--workdir $workdir_parent: not a directory"
+
+WORK=$(mktemp -d "$workdir_parent/qcowfs-bench.XXXXXX")
+WORK=$(cd "$WORK" && pwd)
+RESULTS=$WORK/results.tsv
+: >"$RESULTS"
+
+# --- daemon bookkeeping: one mount at a time, tracked by PID only -------------------------
+
+QCOWFS_PID="" QCOWFS_MP="" QSD_PID="" QSD_MP=""
+QCOWFS_SOCK=$WORK/qcowfs.sock
+QSD_PIDFILE=$WORK/qsd.pid
+LAST_MS=0 # duration of the last mount/unmount, in ms
+
+now_ns() { date +%s%N; }
+is_mounted() { findmnt -n -M "$1" >/dev/null 2>&1; }
+# A daemonized process is not our child; a zombie counts as gone (it has closed its files and
+# released the image lock; some PID 1s reap late, e.g. ~1.5 s on the bench VMs).
+pid_alive() {
+  [[ -n $1 ]] && kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+pid_is() { [[ -r /proc/$1/comm ]] && [[ $(cat "/proc/$1/comm" 2>/dev/null) == "$2"* ]]; }
+
+# Waits up to $2 seconds for PID $1 (not our child) to exit.
+wait_gone() {
+  local pid=$1 deadline=$(( $(date +%s) + $2 ))
+  while pid_alive "$pid"; do
+    (( $(date +%s) < deadline )) || return 1
+    sleep 0.01
+  done
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+mount_qcowfs() { # IMAGE MOUNTPOINT
+  local img=$1 mp=$2 t0 t1
+  : >"$mp"
+  QCOWFS_MP=$mp
+  t0=$(now_ns)
+  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" ${threads:+--threads "$threads"} "$img" "$mp" ||
+    die "qcowfs mount $img failed"
+  t1=$(now_ns)
+  LAST_MS=$(( (t1 - t0) / 1000000 ))
+  QCOWFS_PID=$("$qcowfs_bin" status --json --socket "$QCOWFS_SOCK" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])') ||
+    die "qcowfs status failed"
+  is_mounted "$mp" || die "qcowfs returned but $mp is not mounted"
+}
+
+umount_qcowfs() {
+  local t0 t1
+  t0=$(now_ns)
+  if [[ -n $QCOWFS_MP ]] && is_mounted "$QCOWFS_MP"; then
+    fusermount3 -u "$QCOWFS_MP" || die "fusermount3 -u $QCOWFS_MP failed"
+  fi
+  if [[ -n $QCOWFS_PID ]]; then
+    # The daemon closes (flushes) the image after the unmount; qemu-img check must wait.
+    wait_gone "$QCOWFS_PID" 120 || die "qcowfs (pid $QCOWFS_PID) did not exit after unmount"
+  fi
+  t1=$(now_ns)
+  LAST_MS=$(( (t1 - t0) / 1000000 ))
+  QCOWFS_PID="" QCOWFS_MP=""
+}
+
+mount_qsd() { # IMAGE MOUNTPOINT
+  local img=${1//,/,,} mp=${2//,/,,} t0 t1
+  : >"$2"
+  QSD_MP=$2
+  rm -f "$QSD_PIDFILE"
+  t0=$(now_ns)
+  # --daemonize: the parent exits once the export is live, like `qcowfs mount`.
+  qemu-storage-daemon --daemonize --pidfile "$QSD_PIDFILE" \
+    --blockdev "driver=file,node-name=file0,filename=$img,aio=threads" \
+    --blockdev "driver=qcow2,node-name=fmt0,file=file0,discard=unmap" \
+    --export "type=fuse,id=exp0,node-name=fmt0,mountpoint=$mp,writable=on" \
+    2>>"$WORK/qsd.log" || { cat "$WORK/qsd.log" >&2; die "qemu-storage-daemon failed on $1"; }
+  t1=$(now_ns)
+  LAST_MS=$(( (t1 - t0) / 1000000 ))
+  [[ -s $QSD_PIDFILE ]] || die "qemu-storage-daemon wrote no pidfile"
+  QSD_PID=$(<"$QSD_PIDFILE")
+  is_mounted "$QSD_MP" || die "qemu-storage-daemon returned but $QSD_MP is not mounted"
+}
+
+umount_qsd() {
+  local t0 t1
+  t0=$(now_ns)
+  if [[ -n $QSD_PID ]] && pid_is "$QSD_PID" qemu-storage; then
+    kill "$QSD_PID" # SIGTERM: qsd unmounts, flushes and exits
+    wait_gone "$QSD_PID" 120 || die "qemu-storage-daemon (pid $QSD_PID) did not exit"
+  fi
+  t1=$(now_ns)
+  LAST_MS=$(( (t1 - t0) / 1000000 ))
+  if [[ -n $QSD_MP ]] && is_mounted "$QSD_MP"; then fusermount3 -u "$QSD_MP" || true; fi
+  QSD_PID="" QSD_MP=""
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  if [[ -n $QCOWFS_MP ]]; then
+    is_mounted "$QCOWFS_MP" && fusermount3 -u "$QCOWFS_MP"
+    if [[ -n $QCOWFS_PID ]] && ! wait_gone "$QCOWFS_PID" 30 && pid_is "$QCOWFS_PID" qcowfs; then
+      kill "$QCOWFS_PID"; wait_gone "$QCOWFS_PID" 10
+    fi
+  fi
+  if [[ -z $QSD_PID && -n $QSD_MP && -s $QSD_PIDFILE ]]; then QSD_PID=$(<"$QSD_PIDFILE"); fi
+  if [[ -n $QSD_PID ]] && pid_is "$QSD_PID" qemu-storage; then
+    kill "$QSD_PID"; wait_gone "$QSD_PID" 30 || kill -9 "$QSD_PID"
+  fi
+  [[ -n $QSD_MP ]] && is_mounted "$QSD_MP" && fusermount3 -u "$QSD_MP"
+  if [[ $keep == 1 ]]; then
+    echo "run.sh: scratch directory kept: $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+check_image() { # IMAGE LABEL
+  local out rc=0
+  out=$(qemu-img check "$1" 2>&1) || rc=$?
+  log "qemu-img check ($2): rc=$rc: $(echo "$out" | head -1)"
+  printf 'check\t%s\t%s\n' "$2" "$rc" >>"$WORK/checks.tsv"
+  if [[ $rc != 0 ]]; then
+    echo "$out" >&2
+    die "qemu-img check failed on $1 after $2 (rc=$rc)"
+  fi
+}
+
+# --- fio --------------------------------------------------------------------------------
+
+# run_fio OUT.json FILE DIRECT fio-args...
+# Dirty page cache left by the previous job (raw writes, the daemons' image writes) is written
+# back first (syncfs), so that no job competes with an earlier job's writeback.
+run_fio() {
+  local out=$1 file=$2 direct=$3; shift 3
+  sync -f "$WORK"
+  fio --name=bench --filename="$file" --ioengine=psync --iodepth=1 --direct="$direct" \
+    --invalidate=0 --fallocate=none --allow_file_create=0 --group_reporting \
+    --output-format=json --output="$out" "$@" >/dev/null 2>"$out.err" ||
+    { cat "$out.err" >&2; die "fio failed on $file ($*)"; }
+}
+
+# fio_value OUT.json UNIT -> MiB/s or IOPS (read + write)
+fio_value() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+with open(sys.argv[1]) as f:
+    j = json.load(f)
+job = j["jobs"][0]
+if job.get("error"):
+    sys.exit("fio job error %s" % job["error"])
+r, w = job["read"], job["write"]
+if sys.argv[2] == "MiB/s":
+    print("%.1f" % ((r["bw_bytes"] + w["bw_bytes"]) / 1048576))
+else:
+    print("%.0f" % (r["iops"] + w["iops"]))
+PY
+}
+
+record() { printf '%s\n' "$(IFS=$'\t'; echo "$*")" >>"$RESULTS"; }
+
+# name|unit|fio args (the file, size and runtime are added)
+WORKLOADS=(
+  "seq-read-1M|MiB/s|--rw=read --bs=1M --numjobs=1"
+  "seq-write-1M|MiB/s|--rw=write --bs=1M --numjobs=1"
+  "rand-read-4k-1j|IOPS|--rw=randread --bs=4k --numjobs=1"
+  "rand-read-4k-4j|IOPS|--rw=randread --bs=4k --numjobs=4"
+  "rand-rewrite-4k-4j|IOPS|--rw=randwrite --bs=4k --numjobs=4"
+  "rand-rw70-4k-4j|IOPS|--rw=randrw --rwmixread=70 --bs=4k --numjobs=4"
+)
+FIRST_TOUCH="first-touch-64k|MiB/s|--rw=randwrite --bs=64k --numjobs=1"
+ALL_NAMES=" ${FIRST_TOUCH%%|*} "
+for w in "${WORKLOADS[@]}"; do ALL_NAMES+="${w%%|*} "; done
+IFS=, read -r -a wanted <<<"$workloads"
+for n in "${wanted[@]}"; do [[ $ALL_NAMES == *" $n "* ]] || die "unknown workload: $n (one of:$ALL_NAMES)"; done
+selected() { [[ -z $workloads || ",$workloads," == *",$1,"* ]]; }
+any_rewrite=0 # any workload on the pre-filled image?
+for w in "${WORKLOADS[@]}"; do selected "${w%%|*}" && any_rewrite=1; done
+
+# All workloads in run order: the pre-filled-image ones, then first-touch (fresh image).
+ALL_WORKLOADS=("${WORKLOADS[@]}" "$FIRST_TOUCH")
+
+warm() { cat "$1" >/dev/null; } # the daemons read their image through the page cache
+
+# run_one TARGET WORKLOAD REP: one fio job on one target. The daemons are mounted for this job
+# alone and the image is checked right after, so the three targets of a workload run within a
+# minute of each other: background load that drifts slowly skews the ratios less.
+# first-touch-64k gets a fresh empty image (sparse raw file or new qcow2) and fio's random map
+# (each 64k block once, random order), so every write lands on a never-written cluster; it
+# stops when the image is full or after --runtime. The others run --runtime seconds each.
+run_one() {
+  local target=$1 w=$2 rep=$3 name unit args file direct=1 img="" v out mp=$WORK/mnt
+  local -a timing=(--time_based --runtime="$runtime")
+  IFS='|' read -r name unit args <<<"$w"
+  if [[ $name == first-touch-* ]]; then
+    timing=(--runtime="$runtime")
+    if [[ $target == raw ]]; then
+      truncate -s "$size_bytes" "$WORK/ft.raw"
+    else
+      img=$WORK/ft.qcow2
+      qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$img" "$size_bytes"
+    fi
+  else
+    if [[ $target == raw ]]; then warm "$WORK/base.raw"; else img=$WORK/base.qcow2; warm "$img"; fi
+  fi
+  if [[ $target == raw ]]; then
+    direct=$raw_direct
+    file=$WORK/base.raw
+    [[ $name == first-touch-* ]] && file=$WORK/ft.raw
+  else
+    "mount_$target" "$img" "$mp"
+    file=$mp
+  fi
+  out=$WORK/fio-$target-$name-$rep.json
+  # shellcheck disable=SC2086
+  run_fio "$out" "$file" "$direct" --size="$size_bytes" "${timing[@]}" $args
+  v=$(fio_value "$out" "$unit")
+  if [[ $target != raw ]]; then
+    "umount_$target"
+    check_image "$img" "$target $name run $rep"
+  fi
+  rm -f "$WORK/ft.raw" "$WORK/ft.qcow2"
+  record main "$name" "$unit" "$target" "$rep" "$v"
+  log "  $target $name: $v $unit"
+}
+
+# --- scale: mount time and RSS against virtual size -------------------------------------
+
+scale_target() { # TARGET SIZE REP
+  local target=$1 vsize=$2 rep=$3 img=$WORK/scale.qcow2 mp=$WORK/mnt pid mount_ms rss0 rss1 out
+  rm -f "$img"
+  qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$img" "$vsize"
+  "mount_$target" "$img" "$mp"
+  mount_ms=$LAST_MS
+  if [[ $target == qcowfs ]]; then pid=$QCOWFS_PID; else pid=$QSD_PID; fi
+  rss0=$(rss_kib "$pid")
+  out=$WORK/scale-$target-$vsize-$rep.json
+  # Same seed for both daemons: the same offsets, spread over the whole virtual size.
+  run_fio "$out" "$mp" 1 --rw=randwrite --bs=4k --numjobs=1 --norandommap \
+    --random_generator=tausworthe64 --randseed=4242 --number_ios="$scale_writes"
+  rss1=$(rss_kib "$pid")
+  "umount_$target"
+  record scale "$vsize" mount_ms "$target" "$rep" "$mount_ms"
+  record scale "$vsize" rss_mount_kib "$target" "$rep" "$rss0"
+  record scale "$vsize" rss_after_kib "$target" "$rep" "$rss1"
+  record scale "$vsize" umount_ms "$target" "$rep" "$LAST_MS"
+  log "  $target $vsize: mount ${mount_ms} ms, VmRSS ${rss0} KiB after mount, ${rss1} KiB after $scale_writes writes, unmount ${LAST_MS} ms"
+  check_image "$img" "$target scale $vsize run $rep"
+  rm -f "$img"
+}
+
+# --- run --------------------------------------------------------------------------------
+
+# Idle CPU share over one second, from /proc/stat: the numbers mean little on a busy machine.
+idle_pct() {
+  local a b
+  read -r -a a < <(awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat)
+  sleep 1
+  read -r -a b < <(awk '/^cpu / {print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat)
+  echo $(( 100 * (b[0] - a[0]) / (b[1] - a[1] > 0 ? b[1] - a[1] : 1) ))
+}
+IDLE_START=$(idle_pct)
+if (( IDLE_START < 90 )); then
+  log "WARNING: the machine is busy before the start (${IDLE_START}% idle): results will be noisy"
+fi
+START=$(date +%s)
+if [[ $do_main == 1 ]]; then
+  log "scratch: $WORK; image $size ($size_bytes bytes), cluster $cluster, runtime ${runtime}s, repeat $repeat"
+  if [[ $any_rewrite == 1 ]]; then
+    log "pre-filling $WORK/base.raw from /dev/urandom"
+    dd if=/dev/urandom of="$WORK/base.raw" bs=1M count=$(( size_bytes / 1048576 )) \
+      iflag=fullblock status=none
+    qemu-img convert -f raw -O qcow2 -o cluster_size="$cluster_bytes" "$WORK/base.raw" "$WORK/base.qcow2"
+    check_image "$WORK/base.qcow2" "convert"
+  fi
+  targets=(raw qsd qcowfs)
+  for (( rep = 1; rep <= repeat; rep++ )); do
+    log "run $rep/$repeat"
+    for w in "${ALL_WORKLOADS[@]}"; do
+      selected "${w%%|*}" || continue
+      for (( i = 0; i < 3; i++ )); do # rotate the target order from one repeat to the next
+        run_one "${targets[$(( (i + rep - 1) % 3 ))]}" "$w" "$rep"
+      done
+    done
+  done
+fi
+if [[ $do_scale == 1 ]]; then
+  for vsize in "${scale_list[@]}"; do
+    for (( rep = 1; rep <= repeat; rep++ )); do
+      for t in qsd qcowfs; do
+        log "scale $vsize run $rep/$repeat: $t"
+        scale_target "$t" "$vsize" "$rep"
+      done
+    done
+  done
+fi
+END=$(date +%s)
+IDLE_END=$(idle_pct)
+
+# --- report -----------------------------------------------------------------------------
+
+qemu_ver=$(qemu-storage-daemon --version | head -1)
+git_rev=$(git -C "$SCRIPT_DIR/.." describe --always --dirty 2>/dev/null || echo unknown)
+cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+qcowfs_threads=${threads:-"default ($(nproc))"}
+cat <<EOF
+## qcowfs bench $(date -u +%Y-%m-%dT%H:%MZ)
+
+- command: \`bench/run.sh ${ORIG_ARGS[*]}\`
+- machine: $(nproc) vCPU, ${cpu:-unknown CPU}, $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)
+- $qemu_ver; $(fio --version); qcowfs $git_rev, binary built $(date -r "$qcowfs_bin" '+%F %T') (threads: $qcowfs_threads)
+- $( [[ $do_main == 1 ]] && echo "image: $size, cluster $cluster; fio psync iodepth 1 per job, runtime ${runtime}s; raw copy $( [[ $raw_direct == 1 ]] && echo "O_DIRECT" || echo "buffered (page cache, like the daemons' own image I/O)"); " )medians of $repeat run(s)$( [[ $do_scale == 1 ]] && echo "; scale: cluster $cluster, $scale_writes random 4k writes (fixed seed) over each image" )
+- wall time: $(( (END - START) / 60 )) min $(( (END - START) % 60 )) s; CPU idle before/after: ${IDLE_START}% / ${IDLE_END}%$( (( IDLE_START < 90 || IDLE_END < 90 )) && echo " (**busy machine: noisy**)" ); qemu-img check: $(wc -l <"$WORK/checks.tsv" 2>/dev/null || echo 0) checks, all clean
+
+EOF
+
+python3 - "$RESULTS" <<'PY'
+import sys, statistics
+from collections import OrderedDict, defaultdict
+
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+main = OrderedDict()
+scale = OrderedDict()
+for sec, name, unit, target, rep, val in rows:
+    d = main if sec == "main" else scale
+    d.setdefault((name, unit), defaultdict(list))[target].append(float(val))
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    return "%.0f" % v if unit in ("IOPS", "mount_ms", "umount_ms") else "%.1f" % v
+
+def ratio(a, b):
+    return "%.2f" % (a / b) if a is not None and b else "-"
+
+if main:
+    print("### fio (medians)\n")
+    print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (name, unit), t in main.items():
+        r, q, c = med(t["raw"]), med(t["qsd"]), med(t["qcowfs"])
+        print("| %s | %s | %s | %s | %s | **%s** | %s |" % (
+            name, unit, fmt(r, unit), fmt(q, unit), fmt(c, unit), ratio(c, q), ratio(c, r)))
+    print("\nAll runs (raw / qsd / qcowfs):\n")
+    for (name, unit), t in main.items():
+        print("- %s: %s / %s / %s" % (name, *(", ".join(fmt(x, unit) for x in t[k]) for k in ("raw", "qsd", "qcowfs"))))
+    print()
+
+if scale:
+    sizes = []
+    for (vsize, _), _t in scale.items():
+        if vsize not in sizes:
+            sizes.append(vsize)
+    def get(vsize, metric, target):
+        return med(scale.get((vsize, metric), {}).get(target, []))
+    print("### scale (medians): fresh sparse image, mount, random 4k writes spread over it\n")
+    print("| virtual size | mount ms qsd | mount ms qcowfs | VmRSS MiB after mount qsd | qcowfs | VmRSS MiB after writes qsd | qcowfs | RSS qcowfs/qsd | unmount ms qsd | qcowfs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in sizes:
+        mq, mc = get(s, "mount_ms", "qsd"), get(s, "mount_ms", "qcowfs")
+        r0q, r0c = get(s, "rss_mount_kib", "qsd"), get(s, "rss_mount_kib", "qcowfs")
+        r1q, r1c = get(s, "rss_after_kib", "qsd"), get(s, "rss_after_kib", "qcowfs")
+        uq, uc = get(s, "umount_ms", "qsd"), get(s, "umount_ms", "qcowfs")
+        mib = lambda k: "%.1f" % (k / 1024) if k is not None else "-"
+        print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            s, fmt(mq, "mount_ms"), fmt(mc, "mount_ms"), mib(r0q), mib(r0c), mib(r1q), mib(r1c),
+            ratio(r1c, r1q), fmt(uq, "umount_ms"), fmt(uc, "umount_ms")))
+    print()
+PY
+log "done in $(( END - START )) s"
