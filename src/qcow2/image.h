@@ -121,7 +121,7 @@ class Qcow2Image final : public block::BlockDevice {
 
  private:
   struct ClusterInfo;  // decoded L2 entry (image_map.cc)
-  struct WritePlan;
+  class GuestClusterLock;
 
   Qcow2Image() = default;
   Status Init(const OpenDevices& devs, const OpenOptions& opts, const std::string& dir,

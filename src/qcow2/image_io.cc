@@ -94,6 +94,19 @@ Status Qcow2Image::ReadExtents(const std::vector<Extent>& ext, uint8_t* buf, uin
   return Status::Ok();
 }
 
+// Marks one guest cluster busy for the scope (meta_mu_ held exclusively throughout).
+class Qcow2Image::GuestClusterLock {
+ public:
+  GuestClusterLock(Qcow2Image* img, uint64_t gc) NO_THREAD_SAFETY_ANALYSIS : img_(img), gc_(gc) {
+    img_->LockGuest(gc_, gc_);
+  }
+  ~GuestClusterLock() NO_THREAD_SAFETY_ANALYSIS { img_->UnlockGuest(gc_, gc_); }
+
+ private:
+  Qcow2Image* img_;
+  uint64_t gc_;
+};
+
 // Registers the host ranges a mapped request will touch (REQUIRES meta_mu_ held).
 static void TrackExtents(const std::vector<Extent>& ext, bool data_file, const Geometry& g,
                          InFlightRefs* refs) {
@@ -331,12 +344,7 @@ Status Qcow2Image::ZeroCluster(uint64_t cluster_off, uint64_t in, uint64_t len, 
   std::vector<std::pair<uint64_t, uint64_t>> pieces;  // zero data to write, in-cluster
   {
     WriterLock lock(&meta_mu_);
-    LockGuest(gc, gc);
-    struct Unlocker {
-      Qcow2Image* img;
-      uint64_t gc;
-      ~Unlocker() NO_THREAD_SAFETY_ANALYSIS { img->UnlockGuest(gc, gc); }
-    } unlocker{this, gc};
+    GuestClusterLock busy(this, gc);
     // Nothing to do where the range already reads zeros without a backing file.
     if (!(l1_[l1i] & kL1OffsetMask) && !backing_ && !data_file_raw_) return Status::Ok();
     ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
@@ -460,12 +468,7 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
     bool copy_data = false;
     {
       WriterLock lock(&meta_mu_);
-      LockGuest(gc, gc);
-      struct Unlocker {
-        Qcow2Image* img;
-        uint64_t gc;
-        ~Unlocker() NO_THREAD_SAFETY_ANALYSIS { img->UnlockGuest(gc, gc); }
-      } unlocker{this, gc};
+      GuestClusterLock busy(this, gc);
       ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
       ClusterInfo ci = Decode(t->data.data(), gc);
       if (ci.type == ClusterInfo::kInvalid) return InvalidEntry(gc);
