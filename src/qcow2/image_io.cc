@@ -512,7 +512,8 @@ Status Qcow2Image::Flush() {
 Result<block::BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t len) {
   if (offset >= Size()) return Status::Invalid(name_ + ": block status beyond the end");
   len = std::min<uint64_t>(len, Size() - offset);
-  len = std::min<uint64_t>(len, 1ull << 30);
+  // One L2 table's span at most per call: a walk over the image stays linear.
+  len = std::min<uint64_t>(len, geo_.l2_span() - offset % geo_.l2_span());
   std::vector<Extent> ext;
   for (;;) {
     uint64_t n;

@@ -313,6 +313,11 @@ void RunImageInput(const uint8_t* data, size_t size) {
     } else {
       ScriptedOps(&run, data, size);  // writes are skipped on a read-only image
     }
+    // What `qcowfs info` / status report.
+    (void)img->Stats();
+    (void)img->AllocatedBytes();
+    (void)img->BackingChain();
+    (void)img->header();
     (void)img->Close();
   }
   if (!writable) return;

@@ -86,7 +86,10 @@ void CrashRound(const std::string& img, const std::string& mp, Model* m, std::mt
   }
   killer.join();
   close(fd);
-  // The guard's teardown unmounts the dead mount (the daemon is already gone).
+  // Collects the killed daemon (exit 137 is expected here) and tears the dead mount down.
+  std::string why = g.SignalAndWait(SIGKILL);
+  CHECK_MESSAGE(qm::Contains(why, "status 137"), why);
+  CHECK_FALSE(qm::IsMounted(mp));
 }
 
 // Reads the image through qemu-img and checks every block against the model; blocks
