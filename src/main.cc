@@ -42,18 +42,11 @@ void PrintMainHelp() {
       "Run 'qcowfs COMMAND --help' for the options of a command.\n");
 }
 
-// Parses argv (after the subcommand) with desc and positional names.
-po::variables_map ParseArgs(const std::vector<std::string>& args, const po::options_description& desc,
-                            const std::vector<std::string>& positional, bool* help) {
+// Parses args with the visible and hidden options; a parse error is a usage error.
+po::variables_map Store(const std::vector<std::string>& args, const po::options_description& visible,
+                        const po::options_description& hidden, const po::positional_options_description& pos) {
   po::options_description all;
-  all.add(desc);
-  po::options_description hidden;
-  po::positional_options_description pos;
-  for (const auto& p : positional) {
-    hidden.add_options()(p.c_str(), po::value<std::string>(), "");
-    pos.add(p.c_str(), 1);
-  }
-  all.add(hidden);
+  all.add(visible).add(hidden);
   po::variables_map vm;
   try {
     po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
@@ -61,6 +54,19 @@ po::variables_map ParseArgs(const std::vector<std::string>& args, const po::opti
   } catch (const po::error& e) {
     throw UsageError{e.what()};
   }
+  return vm;
+}
+
+// Parses argv (after the subcommand) with desc and positional names.
+po::variables_map ParseArgs(const std::vector<std::string>& args, const po::options_description& desc,
+                            const std::vector<std::string>& positional, bool* help) {
+  po::options_description hidden;
+  po::positional_options_description pos;
+  for (const auto& p : positional) {
+    hidden.add_options()(p.c_str(), po::value<std::string>(), "");
+    pos.add(p.c_str(), 1);
+  }
+  po::variables_map vm = Store(args, desc, hidden, pos);
   *help = vm.count("help") > 0;
   if (!*help)
     for (const auto& p : positional)
@@ -261,15 +267,7 @@ int CmdMount(const std::vector<std::string>& args) {
   hidden.add_options()("positional", po::value<std::vector<std::string>>(), "");
   po::positional_options_description pos;
   pos.add("positional", -1);
-  po::options_description all;
-  all.add(desc).add(hidden);
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw UsageError{e.what()};
-  }
+  po::variables_map vm = Store(args, desc, hidden, pos);
   if (vm.count("help")) {
     std::cout << desc << "\n";
     return 0;
@@ -340,15 +338,7 @@ int CmdStatus(const std::vector<std::string>& args) {
   hidden.add_options()("MOUNTPOINT", po::value<std::string>(), "");
   po::positional_options_description pos;
   pos.add("MOUNTPOINT", 1);
-  po::options_description all;
-  all.add(desc).add(hidden);
-  po::variables_map vm;
-  try {
-    po::store(po::command_line_parser(args).options(all).positional(pos).run(), vm);
-    po::notify(vm);
-  } catch (const po::error& e) {
-    throw UsageError{e.what()};
-  }
+  po::variables_map vm = Store(args, desc, hidden, pos);
   if (vm.count("help")) {
     std::cout << desc << "\n";
     return 0;
