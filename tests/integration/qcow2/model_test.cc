@@ -25,6 +25,7 @@
 
 #include "block/block_device.h"
 #include "qcow2/image.h"
+#include "support/must.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
 
@@ -34,28 +35,13 @@ using qcowfs::block::ExtentType;
 using qcowfs::qcow2::OpenOptions;
 using qcowfs::qcow2::Qcow2Image;
 using qcowfs::testing::CmdResult;
+using qcowfs::testing::Join;
+using qcowfs::testing::Must;
 using qcowfs::testing::RunCommand;
 using qcowfs::testing::TempDir;
 
 constexpr uint64_t KiB = 1024;
 constexpr uint64_t MiB = 1024 * 1024;
-
-std::string Join(const std::vector<std::string>& argv) {
-  std::string s;
-  for (const auto& a : argv) {
-    if (!s.empty()) s += ' ';
-    s += a;
-  }
-  return s;
-}
-
-CmdResult Must(const std::vector<std::string>& argv) {
-  CmdResult r = RunCommand(argv);
-  INFO("command: " << Join(argv) << "\nexit " << r.exit_code << "\nstdout: " << r.out
-                   << "\nstderr: " << r.err);
-  REQUIRE(r.exit_code == 0);
-  return r;
-}
 
 std::vector<uint8_t> ReadWholeFile(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
