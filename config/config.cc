@@ -118,6 +118,10 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
       if (!v.is_number_unsigned() || v.get<uint64_t>() == 0 || v.get<uint64_t>() > 1024)
         return KeyError(file, k, "must be a number from 1 to 1024");
       cfg.threads = v.get<unsigned>();
+    } else if (k == "poll_us") {
+      if (!v.is_number_unsigned() || v.get<uint64_t>() > kMaxPollUs)
+        return KeyError(file, k, "must be a number of microseconds from 0 to " + std::to_string(kMaxPollUs));
+      cfg.poll_us = v.get<uint32_t>();
     } else if (k == "allow_other") {
       ASSIGN_OR_RETURN(cfg.allow_other, BoolValue(v, file, k));
     } else if (k == "socket") {
@@ -206,6 +210,12 @@ Status ApplyOptionList(const std::string& list, MountConfig* cfg) {
       unsigned long n = strtoul(v.c_str(), &end, 10);
       if (v.empty() || *end || n == 0 || n > 1024) return Status::Invalid("-o threads: must be a number from 1 to 1024");
       cfg->threads = static_cast<unsigned>(n);
+    } else if (k == "poll_us") {
+      char* end = nullptr;
+      unsigned long n = strtoul(v.c_str(), &end, 10);
+      if (v.empty() || *end || n > kMaxPollUs)
+        return Status::Invalid("-o poll_us: must be a number of microseconds from 0 to " + std::to_string(kMaxPollUs));
+      cfg->poll_us = static_cast<uint32_t>(n);
     } else if (k == "cache_size") {
       auto r = ParseSize(v);
       if (!r.ok()) return Status::Invalid("-o cache_size: " + r.status().message());

@@ -19,10 +19,14 @@ struct ImageConfig {
   uint64_t cache_size = 32ull << 20;
 };
 
+// Upper bound of poll_us: polling longer than 10 ms only burns CPU.
+inline constexpr uint32_t kMaxPollUs = 10000;
+
 struct MountConfig {
   std::string mountpoint;
   std::vector<ImageConfig> images;
   unsigned threads = 0;  // 0: CPU count
+  uint32_t poll_us = 50;  // FUSE device polling before a worker sleeps (0: none)
   bool allow_other = false;
   std::string socket;    // empty: the default path for the mountpoint
   bool foreground = false;
@@ -34,7 +38,7 @@ struct MountConfig {
 Result<MountConfig> ParseMountConfig(const std::string& text, const std::string& file);
 Result<MountConfig> LoadMountConfig(const std::string& file);
 
-// Overrides from a comma-separated -o list (ro, rw, allow_other, threads=N,
+// Overrides from a comma-separated -o list (ro, rw, allow_other, threads=N, poll_us=N,
 // cache_size=SIZE, discard=unmap|ignore, socket=PATH, read_only, ...). Generic
 // mount options that mount(8) passes (dev, suid, exec, atime, _netdev, ...) are
 // accepted and ignored. Unknown names are errors.

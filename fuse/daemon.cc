@@ -63,6 +63,7 @@ int RunMount(const config::MountConfig& cfg) {
   ServerOptions so;
   so.mountpoint = mountpoint;
   so.threads = cfg.threads;
+  so.poll_us = cfg.poll_us;
   so.allow_other = cfg.allow_other;
   so.foreground = cfg.foreground;
   so.debug = cfg.debug;

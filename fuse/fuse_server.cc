@@ -49,7 +49,7 @@ Status FuseServer::Mount() {
   if (fuse_session_mount(se_, opts_.mountpoint.c_str()) != 0)
     return Status::IoError(opts_.mountpoint + ": mount failed (is /dev/fuse available and the mountpoint free?)");
   mounted_ = true;
-  if (!InstallKernelIo(se_))
+  if (!InstallKernelIo(se_, opts_.poll_us))
     QCOWFS_LOG(Warn, "%s: parallel direct writes unavailable", opts_.mountpoint.c_str());
   return Status::Ok();
 }
@@ -67,6 +67,7 @@ Status FuseServer::Run() {
   fuse_loop_cfg_set_idle_threads(cfg, threads_);
   fuse_loop_cfg_set_clone_fd(cfg, 1);
   int rc = fuse_session_loop_mt(se_, cfg);
+  ReleaseParkedWorkers();
   fuse_loop_cfg_destroy(cfg);
   fuse_remove_signal_handlers(se_);
   fuse_session_unmount(se_);
@@ -77,6 +78,7 @@ Status FuseServer::Run() {
 
 void FuseServer::Stop() {
   if (se_) fuse_session_exit(se_);
+  ReleaseParkedWorkers();
 }
 
 }  // namespace qcowfs::fuse

@@ -36,6 +36,7 @@ struct Export {
 struct ServerOptions {
   std::string mountpoint;  // absolute
   unsigned threads = 0;    // 0: number of CPUs
+  uint32_t poll_us = 50;   // poll the FUSE device this long before sleeping (kernel_io.h)
   bool allow_other = false;
   bool foreground = false;
   bool debug = false;

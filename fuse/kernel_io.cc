@@ -1,9 +1,14 @@
 #include "fuse/kernel_io.h"
 
+#include <fcntl.h>
 #include <linux/fuse.h>
+#include <poll.h>
+#include <semaphore.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <mutex>
 #include <unordered_set>
@@ -14,32 +19,32 @@
 namespace qcowfs::fuse {
 namespace {
 
-// Unique ids of FUSE_OPEN requests not yet answered. Leaf lock, held for a set
-// operation only.
-std::mutex g_mu;
-std::unordered_set<uint64_t> g_open_requests;
+// --- FOPEN_PARALLEL_DIRECT_WRITES on open replies ---------------------------
 
-ssize_t Read(int fd, void* buf, size_t len, void*) {
-  ssize_t n = ::read(fd, buf, len);
-  if (n >= static_cast<ssize_t>(sizeof(fuse_in_header))) {
-    const auto* in = static_cast<const fuse_in_header*>(buf);
-    if (in->opcode == FUSE_OPEN) {
-      int saved = errno;
-      std::lock_guard<std::mutex> l(g_mu);
-      g_open_requests.insert(in->unique);
-      errno = saved;
-    }
-  }
-  return n;
+// Unique ids of FUSE_OPEN requests not yet answered. g_open_mu is a leaf lock,
+// held for a set operation only; g_open_pending lets replies skip it when no
+// open is outstanding (nearly always).
+std::mutex g_open_mu;
+std::unordered_set<uint64_t> g_open_requests;
+std::atomic<int> g_open_pending{0};
+
+void NoteRequest(const void* buf, ssize_t n) {
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return;
+  const auto* in = static_cast<const fuse_in_header*>(buf);
+  if (in->opcode != FUSE_OPEN) return;
+  std::lock_guard<std::mutex> l(g_open_mu);
+  if (g_open_requests.insert(in->unique).second) g_open_pending.fetch_add(1);
 }
 
 ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
-  if (count >= 1 && iov[0].iov_len >= sizeof(fuse_out_header)) {
+  if (g_open_pending.load(std::memory_order_acquire) > 0 && count >= 1 &&
+      iov[0].iov_len >= sizeof(fuse_out_header)) {
     auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
     bool was_open;
     {
-      std::lock_guard<std::mutex> l(g_mu);
+      std::lock_guard<std::mutex> l(g_open_mu);
       was_open = g_open_requests.erase(out->unique) > 0;
+      if (was_open) g_open_pending.fetch_sub(1);
     }
     if (was_open && out->error == 0 && count >= 2 && iov[1].iov_len >= sizeof(fuse_open_out)) {
       auto* arg = static_cast<fuse_open_out*>(iov[1].iov_base);
@@ -49,11 +54,131 @@ ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
   return ::writev(fd, iov, count);
 }
 
+// --- adaptive polling ---------------------------------------------------------
+
+struct Poller {
+  int64_t poll_ns = 0;
+  std::atomic<int> watchers{0};  // workers polling or asleep on the device
+  std::atomic<bool> polling{false};  // one worker is polling
+  std::atomic<int> parked{0};    // workers asleep on park
+  sem_t park;
+};
+Poller g_poller;
+
+int64_t NowNs() {
+  timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return static_cast<int64_t>(t.tv_sec) * 1000000000 + t.tv_nsec;
+}
+
+void WakeOneParked() {
+  int p = g_poller.parked.load(std::memory_order_acquire);
+  while (p > 0) {
+    if (g_poller.parked.compare_exchange_weak(p, p - 1, std::memory_order_acq_rel)) {
+      sem_post(&g_poller.park);
+      return;
+    }
+  }
+}
+
+// A request that may keep its worker busy for long (not a READ or WRITE).
+bool MayBlock(const void* buf, ssize_t n) {
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return true;
+  uint32_t op = static_cast<const fuse_in_header*>(buf)->opcode;
+  return op != FUSE_READ && op != FUSE_WRITE;
+}
+
+// Stops watching if another worker still watches, and sleeps until woken.
+// Returns false (still watching) if this worker is the last watcher.
+bool ParkIfOthersWatch() {
+  int w = g_poller.watchers.load(std::memory_order_acquire);
+  while (w > 1) {
+    if (g_poller.watchers.compare_exchange_weak(w, w - 1, std::memory_order_acq_rel)) break;
+  }
+  if (w <= 1) return false;
+  g_poller.parked.fetch_add(1, std::memory_order_acq_rel);
+  // sem_wait is a cancellation point: libfuse cancels its workers at the end.
+  while (sem_wait(&g_poller.park) < 0 && errno == EINTR) {
+  }
+  // The waker took this worker off the parked count.
+  g_poller.watchers.fetch_add(1, std::memory_order_acq_rel);
+  return true;
+}
+
+// One worker at a time polls; the others park, or (the last watcher) sleep in
+// poll(2) on the device.
+ssize_t PollingRead(int fd, void* buf, size_t len) {
+  thread_local int nonblocking_fd = -1;
+  if (nonblocking_fd != fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    nonblocking_fd = fd;
+  }
+  g_poller.watchers.fetch_add(1, std::memory_order_acq_rel);
+  bool waited = false;   // false: the request was queued already (a backlog)
+  bool polling = false;  // this worker holds g_poller.polling
+  int64_t deadline = 0;
+  for (;;) {
+    ssize_t n = ::read(fd, buf, len);
+    if (n >= 0 || errno != EAGAIN) {
+      int saved = errno;
+      if (polling) g_poller.polling.store(false, std::memory_order_release);
+      g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
+      if (n < 0) {
+        if (saved != EINTR) ReleaseParkedWorkers();  // ENODEV: the session ends
+      } else if (!waited || MayBlock(buf, n)) {
+        WakeOneParked();
+      }
+      errno = saved;
+      return n;
+    }
+    waited = true;
+    if (!polling) {
+      polling = !g_poller.polling.exchange(true, std::memory_order_acq_rel);
+      if (polling) {
+        deadline = NowNs() + g_poller.poll_ns;
+        continue;
+      }
+      // Another worker polls.
+      if (ParkIfOthersWatch()) continue;
+    } else if (NowNs() < deadline) {
+      continue;
+    } else {
+      g_poller.polling.store(false, std::memory_order_release);
+      polling = false;
+      if (ParkIfOthersWatch()) continue;
+    }
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+      g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
+      errno = EINTR;
+      return -1;
+    }
+  }
+}
+
+ssize_t Read(int fd, void* buf, size_t len, void*) {
+  ssize_t n = g_poller.poll_ns > 0 ? PollingRead(fd, buf, len) : ::read(fd, buf, len);
+  if (n > 0) {
+    int saved = errno;
+    NoteRequest(buf, n);
+    errno = saved;
+  }
+  return n;
+}
+
 }  // namespace
 
-bool InstallKernelIo(fuse_session* se) {
+bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
+  static std::once_flag once;
+  std::call_once(once, [] { sem_init(&g_poller.park, 0, 0); });
+  g_poller.poll_ns = static_cast<int64_t>(poll_us) * 1000;
   static const fuse_custom_io io = {Writev, Read, nullptr, nullptr};
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
+}
+
+void ReleaseParkedWorkers() {
+  while (g_poller.parked.load(std::memory_order_acquire) > 0) WakeOneParked();
 }
 
 }  // namespace qcowfs::fuse

@@ -1,14 +1,38 @@
-// KernelIo: the /dev/fuse reads and writes of the session, through libfuse's
-// custom-io hook, so that open replies can carry FOPEN_PARALLEL_DIRECT_WRITES
-// (libfuse 3.14 has no field for it). With it the kernel runs direct writes to
-// one file in parallel instead of under the inode lock; reads already are.
+// KernelIo: the session's /dev/fuse reads and writes, through libfuse's
+// custom-io hook. Two things happen there:
+//
+// 1. Open replies get FOPEN_PARALLEL_DIRECT_WRITES (libfuse 3.14 has no field
+//    for it), so the kernel runs direct writes to one file in parallel instead
+//    of under the inode lock; reads already are.
+//
+// 2. Adaptive polling of the device. A FUSE request normally costs two
+//    cross-CPU wakeups: the application wakes a daemon thread asleep in read(),
+//    and the reply wakes the application. On VMs a wakeup of a sleeping vCPU is
+//    the largest single cost of a 4 KiB request. So a worker that finds the
+//    queue empty first polls it (non-blocking reads) for up to `poll_us`
+//    microseconds before it sleeps; a request that arrives meanwhile is taken
+//    without any wakeup. To keep idle workers from being woken for requests
+//    the poller takes anyway, at most one worker waits on the device once
+//    polling is over; the others park on a semaphore. A parked worker is
+//    woken when there is more work than the watchers take: a request was
+//    already queued when a worker came back for one (a backlog), or a worker
+//    took a request that may block for long (anything but READ and WRITE, so
+//    an fsync never holds up reads). poll_us = 0: plain blocking reads, every
+//    worker waits on the device (libfuse's behaviour).
+//
+// One session per process uses the hook (the state is process-wide).
 #pragma once
+
+#include <cstdint>
 
 struct fuse_session;
 
 namespace qcowfs::fuse {
 
 // Installs the hook on a mounted session. Returns false if libfuse refuses.
-bool InstallKernelIo(fuse_session* se);
+bool InstallKernelIo(fuse_session* se, uint32_t poll_us);
+
+// Wakes every parked worker (the session is ending).
+void ReleaseParkedWorkers();
 
 }  // namespace qcowfs::fuse

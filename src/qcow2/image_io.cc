@@ -252,7 +252,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
   // a concurrent in-place writer may own them), whole subclusters otherwise.
   const uint32_t nsub = geo_.extended_l2 ? kSubclusters : 1;
   const bool replaced = host != old.host || old.type != ClusterInfo::kNormal;
-  std::vector<uint8_t> cbuf(cs);
+  std::vector<uint8_t> cbuf(in == 0 && len == cs ? 0 : cs);
   std::vector<uint8_t> decompressed;
   std::vector<std::pair<uint64_t, uint64_t>> runs;
   uint64_t new_bitmap = old.type == ClusterInfo::kCompressed ? 0 : old.bitmap;
@@ -282,7 +282,12 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
     }
     return Status::Ok();
   };
-  for (uint32_t s = 0; s < nsub && st.ok(); s++) {
+  if (in == 0 && len == cs) {
+    // The whole cluster is new: nothing to merge, write the caller's buffer.
+    st = WriteDataFile(host, buf, cs);
+    new_bitmap = nsub == 1 ? 1 : (1ull << nsub) - 1;  // all data, no zero bits
+  }
+  for (uint32_t s = 0; s < nsub && st.ok() && !(in == 0 && len == cs); s++) {
     uint64_t sa = s * sub, sb = sa + sub;
     bool touched = s >= s_first && s <= s_last;
     SubState os = old.type == ClusterInfo::kCompressed ? SubState::kData : old.Sub(nsub == 1 ? 0 : s);

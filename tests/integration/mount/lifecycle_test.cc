@@ -558,6 +558,14 @@ TEST_CASE("mount lifecycle: bad inputs give exit 1 or 2 and one line, and leave 
     ExpectMountFails({"mount", "--threads", "abc", img, mp}, {2}, mp, img, {"threads"});
     ExpectMountFails({"mount", "--threads", "0", img, mp}, {2}, mp, img, {"threads"});
   }
+  SUBCASE("bad --poll-us, -o poll_us and config poll_us") {
+    ExpectMountFails({"mount", "--poll-us", "20000", img, mp}, {2}, mp, img, {"poll-us"});
+    ExpectMountFails({"mount", "--poll-us", "soon", img, mp}, {2}, mp, img, {"poll-us"});
+    ExpectMountFails({"mount", img, mp, "-o", "poll_us=-1"}, {2}, mp, img, {"poll_us"});
+    std::string cfg = s.File("poll.json");
+    WriteFileText(cfg, nlohmann::json({{"mountpoint", dir}, {"poll_us", "fast"}, {"images", {{{"path", img}}}}}).dump());
+    ExpectMountFails({"mount", "--config", cfg}, {1, 2}, dir, img, {"poll_us"});
+  }
   SUBCASE("bad --discard and --cache-size") {
     ExpectMountFails({"mount", "--discard", "sometimes", img, mp}, {2}, mp, img, {"discard"});
     ExpectMountFails({"mount", "--cache-size", "12Q", img, mp}, {2}, mp, img, {"cache"});
