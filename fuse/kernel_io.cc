@@ -88,6 +88,15 @@ bool MayBlock(const void* buf, ssize_t n) {
   return op != FUSE_READ && op != FUSE_WRITE;
 }
 
+// Whether another request is queued (the device stays readable). Asked only
+// when a request was already there on arrival: in a lone request stream the
+// next request often is (the application resubmits while the worker returns),
+// which is no reason to wake a second worker.
+bool MorePending(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN);
+}
+
 // Stops watching if another worker still watches, and sleeps until woken.
 // Returns false (still watching) if this worker is the last watcher.
 bool ParkIfOthersWatch() {
@@ -115,7 +124,7 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
     nonblocking_fd = fd;
   }
   g_poller.watchers.fetch_add(1, std::memory_order_acq_rel);
-  bool waited = false;   // false: the request was queued already (a backlog)
+  bool waited = false;   // false: the request was queued already
   bool polling = false;  // this worker holds g_poller.polling
   int64_t deadline = 0;
   for (;;) {
@@ -126,7 +135,7 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
       g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
       if (n < 0) {
         if (saved != EINTR) ReleaseParkedWorkers();  // ENODEV: the session ends
-      } else if (!waited || MayBlock(buf, n)) {
+      } else if ((!waited && MorePending(fd)) || MayBlock(buf, n)) {
         WakeOneParked();
       }
       errno = saved;

@@ -14,10 +14,10 @@
 //    without any wakeup. To keep idle workers from being woken for requests
 //    the poller takes anyway, at most one worker waits on the device once
 //    polling is over; the others park on a semaphore. A parked worker is
-//    woken when there is more work than the watchers take: a request was
-//    already queued when a worker came back for one (a backlog), or a worker
-//    took a request that may block for long (anything but READ and WRITE, so
-//    an fsync never holds up reads). poll_us = 0: plain blocking reads, every
+//    woken when there is more work than the watchers take: a worker found a
+//    request already queued and another one behind it (a backlog), or took a
+//    request that may block for long (anything but READ and WRITE, so an
+//    fsync never holds up reads). poll_us = 0: plain blocking reads, every
 //    worker waits on the device (libfuse's behaviour).
 //
 // One session per process uses the hook (the state is process-wide).
