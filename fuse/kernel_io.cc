@@ -135,7 +135,8 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
       g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
       if (n < 0) {
         if (saved != EINTR) ReleaseParkedWorkers();  // ENODEV: the session ends
-      } else if ((!waited && MorePending(fd)) || MayBlock(buf, n)) {
+      } else if ((!waited && g_poller.parked.load(std::memory_order_acquire) > 0 && MorePending(fd)) ||
+                 MayBlock(buf, n)) {
         WakeOneParked();
       }
       errno = saved;
