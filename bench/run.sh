@@ -27,6 +27,8 @@ Options:
   --workloads LIST     comma-separated subset of the workload names above (default: all)
   --cluster-size SIZE  qcow2 cluster size (default 64K)
   --threads N          qcowfs mount --threads N (default: qcowfs's own default)
+  --poll-us N          qcowfs mount --poll-us N (default: qcowfs's own default; 0 turns
+                       device polling off, for a before/after comparison)
   --raw-direct         O_DIRECT on the raw copy too (default: buffered, see README)
   --scale              also run the scale section: mount time and daemon RSS against
                        virtual size (fresh sparse images)
@@ -51,7 +53,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ORIG_ARGS=("$@")
 
 opt_size="" opt_runtime="" opt_repeat="" quick=0
-cluster=64K threads="" raw_direct=0 do_main=1 do_scale=0
+cluster=64K threads="" poll_us="" raw_direct=0 do_main=1 do_scale=0
 scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
 qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
 
@@ -65,6 +67,7 @@ while [[ $# -gt 0 ]]; do
     --workloads) need_arg "$@"; workloads=$2; shift 2 ;;
     --cluster-size) need_arg "$@"; cluster=$2; shift 2 ;;
     --threads) need_arg "$@"; threads=$2; shift 2 ;;
+    --poll-us) need_arg "$@"; poll_us=$2; shift 2 ;;
     --raw-direct) raw_direct=1; shift ;;
     --scale) do_scale=1; shift ;;
     --scale-only) do_scale=1; do_main=0; shift ;;
@@ -87,6 +90,7 @@ fi
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive integer"
 [[ $scale_writes =~ ^[1-9][0-9]*$ ]] || die "--scale-writes must be a positive integer"
 [[ -z $threads || $threads =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer"
+[[ -z $poll_us || $poll_us =~ ^[0-9]+$ ]] || die "--poll-us must be a number"
 size_bytes=$(numfmt --from=iec "$size" 2>/dev/null) || die "bad --size: $size"
 cluster_bytes=$(numfmt --from=iec "$cluster" 2>/dev/null) || die "bad --cluster-size: $cluster"
 (( size_bytes >= 16 * 1048576 && size_bytes % 1048576 == 0 )) ||
@@ -143,7 +147,7 @@ mount_qcowfs() { # IMAGE MOUNTPOINT
   : >"$mp"
   QCOWFS_MP=$mp
   t0=$(now_ns)
-  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" ${threads:+--threads "$threads"} "$img" "$mp" ||
+  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" ${threads:+--threads "$threads"} ${poll_us:+--poll-us "$poll_us"} "$img" "$mp" ||
     die "qcowfs mount $img failed"
   t1=$(now_ns)
   LAST_MS=$(( (t1 - t0) / 1000000 ))
@@ -413,7 +417,7 @@ IDLE_END=$(idle_pct)
 qemu_ver=$(qemu-storage-daemon --version | head -1)
 git_rev=$(git -C "$SCRIPT_DIR/.." describe --always --dirty 2>/dev/null || echo unknown)
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-qcowfs_threads=${threads:-"default ($(nproc))"}
+qcowfs_threads=${threads:-"default ($(nproc))"}${poll_us:+, poll-us: $poll_us}
 cat <<EOF
 ## qcowfs bench $(date -u +%Y-%m-%dT%H:%MZ)
 
