@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstring>
 #include <mutex>
 #include <unordered_set>
 
@@ -61,6 +62,16 @@ struct Poller {
   std::atomic<int> watchers{0};  // workers polling or asleep on the device
   std::atomic<bool> polling{false};  // one worker is polling
   std::atomic<int> parked{0};    // workers asleep on park
+  // Whether the last request a watcher waited for came within poll_ns. When
+  // requests come further apart (large sequential I/O: the application spends
+  // longer between requests than the polling budget), polling only burns CPU
+  // the application and the kernel's writeback want, so it is skipped until
+  // requests come close together again.
+  std::atomic<bool> gap_short{true};
+  // Whether the last request moved at most kSmallIo bytes. A large request
+  // keeps the application busy for long around it (page pinning, copies), and
+  // its wakeup is a small part of its cost: no polling after one.
+  std::atomic<bool> last_small{true};
   sem_t park;
 };
 Poller g_poller;
@@ -79,6 +90,22 @@ void WakeOneParked() {
       return;
     }
   }
+}
+
+constexpr uint32_t kSmallIo = 128 * 1024;
+
+// Whether the request reads or writes at most kSmallIo bytes (other requests
+// count as small).
+bool SmallRequest(const void* buf, ssize_t n) {
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + sizeof(fuse_read_in))) return true;
+  const auto* in = static_cast<const fuse_in_header*>(buf);
+  if (in->opcode == FUSE_READ) {
+    fuse_read_in r;
+    std::memcpy(&r, static_cast<const char*>(buf) + sizeof(fuse_in_header), sizeof(r));
+    return r.size <= kSmallIo;
+  }
+  if (in->opcode == FUSE_WRITE) return in->len <= kSmallIo + sizeof(fuse_in_header) + sizeof(fuse_write_in);
+  return true;
 }
 
 // A request that may keep its worker busy for long (not a READ or WRITE).
@@ -126,13 +153,24 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
   g_poller.watchers.fetch_add(1, std::memory_order_acq_rel);
   bool waited = false;   // false: the request was queued already
   bool polling = false;  // this worker holds g_poller.polling
-  int64_t deadline = 0;
+  bool parked = false;   // this worker parked while waiting
+  int64_t wait_start = 0, deadline = 0;
   for (;;) {
     ssize_t n = ::read(fd, buf, len);
     if (n >= 0 || errno != EAGAIN) {
       int saved = errno;
       if (polling) g_poller.polling.store(false, std::memory_order_release);
       g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
+      if (n > 0 && waited && !parked) {
+        bool short_gap = NowNs() - wait_start <= g_poller.poll_ns;
+        if (g_poller.gap_short.load(std::memory_order_relaxed) != short_gap)
+          g_poller.gap_short.store(short_gap, std::memory_order_relaxed);
+      }
+      if (n > 0) {
+        bool small = SmallRequest(buf, n);
+        if (g_poller.last_small.load(std::memory_order_relaxed) != small)
+          g_poller.last_small.store(small, std::memory_order_relaxed);
+      }
       if (n < 0) {
         if (saved != EINTR) ReleaseParkedWorkers();  // ENODEV: the session ends
       } else if ((!waited && g_poller.parked.load(std::memory_order_acquire) > 0 && MorePending(fd)) ||
@@ -142,21 +180,32 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
       errno = saved;
       return n;
     }
-    waited = true;
+    if (!waited) {
+      waited = true;
+      wait_start = NowNs();
+    }
     if (!polling) {
       polling = !g_poller.polling.exchange(true, std::memory_order_acq_rel);
       if (polling) {
-        deadline = NowNs() + g_poller.poll_ns;
+        bool worth = g_poller.gap_short.load(std::memory_order_relaxed) &&
+                     g_poller.last_small.load(std::memory_order_relaxed);
+        deadline = worth ? NowNs() + g_poller.poll_ns : 0;
         continue;
       }
       // Another worker polls.
-      if (ParkIfOthersWatch()) continue;
+      if (ParkIfOthersWatch()) {
+        parked = true;
+        continue;
+      }
     } else if (NowNs() < deadline) {
       continue;
     } else {
       g_poller.polling.store(false, std::memory_order_release);
       polling = false;
-      if (ParkIfOthersWatch()) continue;
+      if (ParkIfOthersWatch()) {
+        parked = true;
+        continue;
+      }
     }
     pollfd p{fd, POLLIN, 0};
     if (::poll(&p, 1, -1) < 0 && errno == EINTR) {
