@@ -17,8 +17,12 @@
 //    woken when there is more work than the watchers take: a worker found a
 //    request already queued and another one behind it (a backlog), or took a
 //    request that may block for long (anything but READ and WRITE, so an
-//    fsync never holds up reads). poll_us = 0: plain blocking reads, every
-//    worker waits on the device (libfuse's behaviour).
+//    fsync never holds up reads). No polling after a request that moved more
+//    than 128 KiB (the application is busy for long around it, and its wakeup
+//    is a small part of its cost) or while requests come further apart than
+//    poll_us: then polling would only take CPU time from the application and
+//    the kernel's writeback. poll_us = 0: plain blocking reads, every worker
+//    waits on the device (libfuse's behaviour).
 //
 // One session per process uses the hook (the state is process-wide).
 #pragma once
