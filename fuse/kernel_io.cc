@@ -143,13 +143,10 @@ bool ParkIfOthersWatch() {
 
 // One worker at a time polls; the others park, or (the last watcher) sleep in
 // poll(2) on the device.
+// PollingRead's answer when the worker should block in read() instead.
+constexpr ssize_t kBlockingRead = -2;
+
 ssize_t PollingRead(int fd, void* buf, size_t len) {
-  thread_local int nonblocking_fd = -1;
-  if (nonblocking_fd != fd) {
-    int fl = fcntl(fd, F_GETFL);
-    if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
-    nonblocking_fd = fd;
-  }
   g_poller.watchers.fetch_add(1, std::memory_order_acq_rel);
   bool waited = false;   // false: the request was queued already
   bool polling = false;  // this worker holds g_poller.polling
@@ -195,6 +192,7 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
       // Another worker polls.
       if (ParkIfOthersWatch()) {
         parked = true;
+        if (!g_poller.last_small.load(std::memory_order_relaxed)) break;  // large requests now
         continue;
       }
     } else if (NowNs() < deadline) {
@@ -204,20 +202,52 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
       polling = false;
       if (ParkIfOthersWatch()) {
         parked = true;
+        if (!g_poller.last_small.load(std::memory_order_relaxed)) break;  // large requests now
         continue;
       }
     }
     pollfd p{fd, POLLIN, 0};
+    if (!g_poller.last_small.load(std::memory_order_relaxed)) break;  // large requests now
     if (::poll(&p, 1, -1) < 0 && errno == EINTR) {
       g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
       errno = EINTR;
       return -1;
     }
   }
+  g_poller.watchers.fetch_sub(1, std::memory_order_acq_rel);
+  return kBlockingRead;
+}
+
+// Puts this worker's device fd in non-blocking (polling) or blocking mode; a
+// system call only when the mode changes.
+void SetNonblocking(int fd, bool on) {
+  thread_local int mode_fd = -1;
+  thread_local bool mode_nonblocking = false;
+  if (mode_fd == fd && mode_nonblocking == on) return;
+  int fl = fcntl(fd, F_GETFL);
+  if (fl >= 0) fcntl(fd, F_SETFL, on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK));
+  mode_fd = fd;
+  mode_nonblocking = on;
 }
 
 ssize_t Read(int fd, void* buf, size_t len, void*) {
-  ssize_t n = g_poller.poll_ns > 0 ? PollingRead(fd, buf, len) : ::read(fd, buf, len);
+  ssize_t n = kBlockingRead;
+  if (g_poller.poll_ns > 0 && g_poller.last_small.load(std::memory_order_relaxed)) {
+    SetNonblocking(fd, true);
+    n = PollingRead(fd, buf, len);
+  }
+  if (n == kBlockingRead) {
+    // Large requests (or polling off): libfuse's way, every worker blocks in
+    // read() on the device.
+    SetNonblocking(fd, false);
+    ReleaseParkedWorkers();
+    n = ::read(fd, buf, len);
+    if (n > 0 && g_poller.poll_ns > 0) {
+      bool small = SmallRequest(buf, n);
+      if (g_poller.last_small.load(std::memory_order_relaxed) != small)
+        g_poller.last_small.store(small, std::memory_order_relaxed);
+    }
+  }
   if (n > 0) {
     int saved = errno;
     NoteRequest(buf, n);
