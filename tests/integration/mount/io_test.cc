@@ -321,13 +321,15 @@ TEST_CASE("mount io: stat follows the image: size, st_blocks, mode and owner") {
 // The workers' device polling (fuse/kernel_io.h) parks all but one idle worker and
 // wakes them on a backlog or a request that may block. A lost wakeup shows as a hang
 // (the ctest timeout), a wrong handoff as lost or misplaced data: 8 clients mix reads,
-// writes, fsync and punch holes on their own regions, under three polling settings.
+// writes, fsync and punch holes on their own regions, under three polling settings. One
+// request in four moves 512 KiB, so the workers also switch between polling and blocking
+// reads (no polling after a request over 128 KiB).
 TEST_CASE("mount io: device polling keeps every request served (mixed ops, 8 clients)") {
   RequireMountTools();
   for (const char* poll : {"0", "50", "2000"}) {
     INFO("--poll-us " << poll);
     Scratch s;
-    const uint64_t size = 32 * MiB, region = size / 8, block = 16 * KiB;
+    const uint64_t size = 32 * MiB, region = size / 8, small = 16 * KiB, large = 512 * KiB;
     std::string img = s.File("disk.qcow2"), ref = s.File("ref.raw"), mp = s.FileMountpoint();
     QemuImgCreate(img, "32M");
     MountGuard g(mp, {"mount", img, mp, "--threads", "3", "--poll-us", poll});
@@ -343,14 +345,15 @@ TEST_CASE("mount io: device polling keeps every request served (mixed ops, 8 cli
           errors[t] = std::string("open: ") + strerror(errno);
           return;
         }
-        std::vector<char> buf(block);
+        std::vector<char> buf(large);
         for (int i = 0; i < 300 && errors[t].empty(); i++) {
+          const uint64_t block = rng() % 4 == 0 ? large : small;
           uint64_t off = t * region + (rng() % (region / block)) * block;
           char* m = model.data() + off;
           switch (rng() % 6) {
             case 0:
             case 1:
-              for (auto& c : buf) c = static_cast<char>(rng());
+              for (uint64_t k = 0; k < block; k++) buf[k] = static_cast<char>(rng());
               if (!PwriteAll(f.get(), buf.data(), block, off)) errors[t] = std::string("write: ") + strerror(errno);
               std::memcpy(m, buf.data(), block);
               break;
