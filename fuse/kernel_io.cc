@@ -108,6 +108,14 @@ bool SmallRequest(const void* buf, ssize_t n) {
   return true;
 }
 
+// Records whether the request just taken was small (Poller::last_small); a
+// store only when that changes, so workers do not bounce the cache line.
+void NoteRequestSize(const void* buf, ssize_t n) {
+  bool small = SmallRequest(buf, n);
+  if (g_poller.last_small.load(std::memory_order_relaxed) != small)
+    g_poller.last_small.store(small, std::memory_order_relaxed);
+}
+
 // A request that may keep its worker busy for long (not a READ or WRITE).
 bool MayBlock(const void* buf, ssize_t n) {
   if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return true;
@@ -163,11 +171,7 @@ ssize_t PollingRead(int fd, void* buf, size_t len) {
         if (g_poller.gap_short.load(std::memory_order_relaxed) != short_gap)
           g_poller.gap_short.store(short_gap, std::memory_order_relaxed);
       }
-      if (n > 0) {
-        bool small = SmallRequest(buf, n);
-        if (g_poller.last_small.load(std::memory_order_relaxed) != small)
-          g_poller.last_small.store(small, std::memory_order_relaxed);
-      }
+      if (n > 0) NoteRequestSize(buf, n);
       if (n < 0) {
         if (saved != EINTR) ReleaseParkedWorkers();  // ENODEV: the session ends
       } else if ((!waited && g_poller.parked.load(std::memory_order_acquire) > 0 && MorePending(fd)) ||
@@ -242,11 +246,7 @@ ssize_t Read(int fd, void* buf, size_t len, void*) {
     SetNonblocking(fd, false);
     ReleaseParkedWorkers();
     n = ::read(fd, buf, len);
-    if (n > 0 && g_poller.poll_ns > 0) {
-      bool small = SmallRequest(buf, n);
-      if (g_poller.last_small.load(std::memory_order_relaxed) != small)
-        g_poller.last_small.store(small, std::memory_order_relaxed);
-    }
+    if (n > 0 && g_poller.poll_ns > 0) NoteRequestSize(buf, n);
   }
   if (n > 0) {
     int saved = errno;
