@@ -63,10 +63,8 @@ struct Poller {
   std::atomic<bool> polling{false};  // one worker is polling
   std::atomic<int> parked{0};    // workers asleep on park
   // Whether the last request a watcher waited for came within poll_ns. When
-  // requests come further apart (large sequential I/O: the application spends
-  // longer between requests than the polling budget), polling only burns CPU
-  // the application and the kernel's writeback want, so it is skipped until
-  // requests come close together again.
+  // requests come further apart (sporadic I/O), polling only burns CPU others
+  // want, so it is skipped until requests come close together again.
   std::atomic<bool> gap_short{true};
   // Whether the last request moved at most kSmallIo bytes. A large request
   // keeps the application busy for long around it (page pinning, copies), and
