@@ -149,6 +149,14 @@ class Qcow2Image final : public block::BlockDevice {
   Status ReadBacking(uint64_t off, uint8_t* buf, uint64_t len);
   Status ReadCompressed(uint64_t desc, uint8_t* out);
   Status WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len);
+  // The shared-lock fast path over several clusters: writes [off, off+len) up to
+  // the first cluster that is not allocated data with refcount 1 in the cached
+  // L2 tables, one pwrite per run of contiguous host clusters. Returns the bytes
+  // written (0: the first cluster needs WriteCluster).
+  Result<uint64_t> WriteInPlace(uint64_t off, const uint8_t* buf, uint64_t len) EXCLUDES(meta_mu_);
+  // Whether bytes [in, in+len) of a cluster can be overwritten where they are:
+  // allocated data with refcount 1, every touched subcluster holding data.
+  static bool WritableInPlace(const ClusterInfo& ci, uint64_t in, uint64_t len, uint64_t sub);
   Status ZeroRange(uint64_t offset, uint64_t len, bool may_unmap, bool discard) EXCLUDES(meta_mu_);
   Status ZeroCluster(uint64_t cluster_off, uint64_t in_off, uint64_t len, bool may_unmap, bool discard);
   Status WriteDataFile(uint64_t off, const void* buf, size_t len);

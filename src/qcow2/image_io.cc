@@ -157,12 +157,82 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
   uint64_t done = 0;
   while (done < len) {
     uint64_t pos = offset + done;
+    auto w = WriteInPlace(pos, in + done, len - done);
+    Status s = w.status();
+    if (s.ok() && w.value() > 0) {
+      done += w.value();
+      continue;
+    }
     uint64_t n = std::min<uint64_t>(len - done, cs - (pos & (cs - 1)));
-    Status s = WriteCluster(pos, in + done, n);
+    if (s.ok()) s = WriteCluster(pos, in + done, n);
     if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
     done += n;
   }
   return Status::Ok();
+}
+
+bool Qcow2Image::WritableInPlace(const ClusterInfo& ci, uint64_t in, uint64_t len, uint64_t sub) {
+  if (ci.type != ClusterInfo::kNormal || !ci.copied) return false;
+  if (ci.nsub == 1) return ci.Sub(0) == SubState::kData;
+  for (uint64_t s = in / sub; s <= (in + len - 1) / sub; s++)
+    if (ci.Sub(static_cast<uint32_t>(s)) != SubState::kData) return false;
+  return true;
+}
+
+Result<uint64_t> Qcow2Image::WriteInPlace(uint64_t off, const uint8_t* buf, uint64_t len) {
+  const uint64_t cs = geo_.cluster_size;
+  struct Run {
+    uint64_t host, len;
+  };
+  constexpr size_t kMaxRuns = 16;  // one pwrite each; a fragmented write goes on in the next call
+  Run runs[kMaxRuns];
+  size_t nruns = 0;
+  uint64_t done = 0;
+  InFlightRefs refs(&inflight_);
+  {
+    ReaderLock lock(&meta_mu_);
+    uint64_t cur_l1 = UINT64_MAX;
+    const uint8_t* l2 = nullptr;
+    while (done < len) {
+      uint64_t pos = off + done;
+      uint64_t gc = pos / cs, in = pos - gc * cs;
+      uint64_t n = std::min(len - done, cs - in);
+      uint64_t l1i = gc / geo_.l2_entries;
+      if (l1i != cur_l1) {
+        cur_l1 = l1i;
+        bool unalloc = false;
+        l2 = l1i < l1_.size() && (l1_[l1i] & kOflagCopied) ? CachedL2(l1i, &unalloc) : nullptr;
+      }
+      if (!l2) break;
+      ClusterInfo ci = Decode(l2, gc);
+      if (!WritableInPlace(ci, in, n, geo_.subcluster_size)) break;
+      uint64_t host = ci.host + in;
+      if (!has_data_file_) {
+        Status s = CheckOverlap(host, n, "data");
+        if (!s.ok()) {
+          if (done == 0) return s;
+          break;  // write what came before; the next call reports it
+        }
+      }
+      if (nruns > 0 && runs[nruns - 1].host + runs[nruns - 1].len == host) {
+        runs[nruns - 1].len += n;
+      } else {
+        if (nruns == kMaxRuns) break;
+        runs[nruns++] = Run{host, n};
+      }
+      done += n;
+    }
+    // Registered while the mapping is held: a discard cannot free these
+    // clusters for reuse until the data is written.
+    if (!has_data_file_)
+      for (size_t i = 0; i < nruns; i++) refs.Add(runs[i].host, runs[i].len);
+  }
+  uint64_t at = 0;
+  for (size_t i = 0; i < nruns; i++) {
+    RETURN_IF_ERROR(data_->Write(runs[i].host, buf + at, runs[i].len));
+    at += runs[i].len;
+  }
+  return done;
 }
 
 Status Qcow2Image::WriteDataFile(uint64_t off, const void* buf, size_t len) {
@@ -177,12 +247,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
   const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
   const uint64_t in = off - gc * cs;
   const uint32_t s_first = static_cast<uint32_t>(in / sub), s_last = static_cast<uint32_t>((in + len - 1) / sub);
-  auto in_place = [&](const ClusterInfo& ci) {
-    if (ci.type != ClusterInfo::kNormal || !ci.copied) return false;
-    for (uint32_t s = s_first; s <= s_last; s++)
-      if (ci.Sub(ci.nsub == 1 ? 0 : s) != SubState::kData) return false;
-    return true;
-  };
+  auto in_place = [&](const ClusterInfo& ci) { return WritableInPlace(ci, in, len, sub); };
   // Fast path: an allocated cluster with refcount 1, under the shared lock.
   {
     InFlightRefs refs(&inflight_);

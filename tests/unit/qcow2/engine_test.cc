@@ -147,6 +147,66 @@ TEST_CASE("engine: random writes round-trip across cluster and L2 boundaries") {
   }
 }
 
+// A large write over allocated clusters goes through the multi-cluster in-place
+// path: runs of contiguous host clusters, a new run per host jump (more runs than
+// one call takes), and it must stop at clusters that need the slow path (a hole,
+// a zero cluster, a zeroed subcluster) and go on after them.
+TEST_CASE("engine: a write over many allocated clusters, holes and zeros in between, round-trips") {
+  const Config configs[] = {{16, 4, 3, false}, {16, 4, 3, true}, {9, 4, 3, false}, {14, 4, 3, true}};
+  for (const auto& cfg : configs) {
+    CAPTURE(cfg.cluster_bits);
+    CAPTURE(cfg.extended_l2);
+    MemDevice mem;
+    CreateOptions c;
+    c.size = 4ull << 20;
+    c.cluster_bits = cfg.cluster_bits;
+    c.refcount_order = cfg.refcount_order;
+    c.version = cfg.version;
+    c.extended_l2 = cfg.extended_l2;
+    auto img = CreateAndOpen(&mem, c);
+    const uint64_t cs = 1ull << cfg.cluster_bits;
+    const uint64_t n = std::min<uint64_t>(c.size / cs, 150);  // 512-byte clusters: 2 L2 tables and more
+    std::vector<uint8_t> model(c.size, 0);
+    std::mt19937_64 rng(cfg.cluster_bits);
+    auto write = [&](uint64_t off, uint64_t len) {
+      std::vector<uint8_t> buf(len);
+      Fill(&buf, rng());
+      Status s = img->Write(off, buf.data(), len);
+      REQUIRE_MESSAGE(s.ok(), s.message());
+      std::memcpy(model.data() + off, buf.data(), len);
+    };
+    // Allocate back to front: guest order is the reverse of host order, so no two
+    // neighbours are contiguous on the host.
+    for (uint64_t gc = n; gc-- > 0;) write(gc * cs, cs);
+    // Then clusters 20..29 are freed and allocated again front to back.
+    REQUIRE(img->Discard(20 * cs, 10 * cs).ok());
+    std::memset(model.data() + 20 * cs, 0, 10 * cs);
+    for (uint64_t gc = 20; gc < 30; gc++) write(gc * cs, cs);
+    // Clusters the fast path must leave alone: a hole, a zero cluster, and a
+    // zeroed piece of an allocated one (a zero subcluster with extended L2).
+    REQUIRE(img->Discard(5 * cs, cs).ok());
+    REQUIRE(img->WriteZeroes(13 * cs, cs, false).ok());
+    REQUIRE(img->WriteZeroes(17 * cs + cs / 4, cs / 2, false).ok());
+    std::memset(model.data() + 5 * cs, 0, cs);
+    std::memset(model.data() + 13 * cs, 0, cs);
+    std::memset(model.data() + 17 * cs + cs / 4, 0, cs / 2);
+    // One write from the middle of cluster 1 to the middle of cluster n-2, then
+    // one over only allocated clusters, then one sector at the very end.
+    write(cs + cs / 3, (n - 3) * cs);
+    write(31 * cs + 7, (n - 40) * cs);
+    write((n - 1) * cs + cs - 1, 1);
+    ExpectReads(img.get(), model);
+    REQUIRE(img->Flush().ok());
+    REQUIRE(img->Close().ok());
+    img.reset();
+    auto again = OpenMem(&mem);
+    ExpectReads(again.get(), model);
+    REQUIRE(again->Close().ok());
+    again.reset();
+    CheckWithQemu(mem, model);
+  }
+}
+
 TEST_CASE("engine: reads of unwritten space are zeros; writes beyond the end fail") {
   MemDevice mem;
   CreateOptions c;
