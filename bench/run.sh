@@ -30,6 +30,9 @@ Options:
   --poll-us N          qcowfs mount --poll-us N (default: qcowfs's own default; 0 turns
                        device polling off, for a before/after comparison)
   --raw-direct         O_DIRECT on the raw copy too (default: buffered, see README)
+  --ceiling            add a fourth target, "null": qcowfs's FUSE server over a device that
+                       does no I/O (qcowfs-null-export next to the qcowfs binary), the
+                       limit of the FUSE transport on this machine
   --scale              also run the scale section: mount time and daemon RSS against
                        virtual size (fresh sparse images)
   --scale-only         run only the scale section
@@ -53,7 +56,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ORIG_ARGS=("$@")
 
 opt_size="" opt_runtime="" opt_repeat="" quick=0
-cluster=64K threads="" poll_us="" raw_direct=0 do_main=1 do_scale=0
+cluster=64K threads="" poll_us="" raw_direct=0 ceiling=0 do_main=1 do_scale=0
 scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
 qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
 
@@ -69,6 +72,7 @@ while [[ $# -gt 0 ]]; do
     --threads) need_arg "$@"; threads=$2; shift 2 ;;
     --poll-us) need_arg "$@"; poll_us=$2; shift 2 ;;
     --raw-direct) raw_direct=1; shift ;;
+    --ceiling) ceiling=1; shift ;;
     --scale) do_scale=1; shift ;;
     --scale-only) do_scale=1; do_main=0; shift ;;
     --scale-sizes) need_arg "$@"; scale_sizes=$2; shift 2 ;;
@@ -103,6 +107,8 @@ for tool in fio qemu-img qemu-storage-daemon fusermount3 findmnt python3 numfmt;
 done
 [[ -x $qcowfs_bin ]] || die "qcowfs binary not found: $qcowfs_bin (build it: cmake --build build --target qcowfs)"
 qcowfs_bin=$(cd "$(dirname "$qcowfs_bin")" && pwd)/$(basename "$qcowfs_bin")
+null_bin=$(dirname "$qcowfs_bin")/qcowfs-null-export
+[[ $ceiling == 0 || -x $null_bin ]] || die "--ceiling: $null_bin not found (cmake --build build --target qcowfs-null-export)"
 [[ -e /dev/fuse ]] || die "/dev/fuse missing"
 [[ -d $workdir_parent ]] || die "--workdir $workdir_parent: not a directory"
 
@@ -113,7 +119,8 @@ RESULTS=$WORK/results.tsv
 
 # --- daemon bookkeeping: one mount at a time, tracked by PID only -------------------------
 
-QCOWFS_PID="" QCOWFS_MP="" QSD_PID="" QSD_MP=""
+QCOWFS_PID="" QCOWFS_MP="" QSD_PID="" QSD_MP="" NULL_PID="" NULL_MP=""
+NULL_PIDFILE=$WORK/null.pid
 QCOWFS_SOCK=$WORK/qcowfs.sock
 QSD_PIDFILE=$WORK/qsd.pid
 LAST_MS=0 # duration of the last mount/unmount, in ms
@@ -204,10 +211,39 @@ umount_qsd() {
   QSD_PID="" QSD_MP=""
 }
 
+# The null export (--ceiling): the same FUSE server as qcowfs, no image behind it.
+mount_null() { # (no image) MOUNTPOINT
+  local mp=$2 i
+  : >"$mp"
+  NULL_MP=$mp
+  rm -f "$NULL_PIDFILE"
+  "$null_bin" "$size_bytes" "$mp" --pidfile "$NULL_PIDFILE" ${threads:+--threads "$threads"} \
+    ${poll_us:+--poll-us "$poll_us"} || die "qcowfs-null-export failed"
+  # The detached child writes the pidfile right after the parent returns.
+  for (( i = 0; i < 500; i++ )); do [[ -s $NULL_PIDFILE ]] && break; sleep 0.01; done
+  [[ -s $NULL_PIDFILE ]] || die "qcowfs-null-export wrote no pidfile"
+  NULL_PID=$(<"$NULL_PIDFILE")
+  is_mounted "$mp" || die "qcowfs-null-export returned but $mp is not mounted"
+}
+
+umount_null() {
+  if [[ -n $NULL_MP ]] && is_mounted "$NULL_MP"; then
+    fusermount3 -u "$NULL_MP" || die "fusermount3 -u $NULL_MP failed"
+  fi
+  [[ -z $NULL_PID ]] || wait_gone "$NULL_PID" 30 || die "qcowfs-null-export (pid $NULL_PID) did not exit"
+  NULL_PID="" NULL_MP=""
+}
+
 cleanup() {
   local rc=$?
   set +e
   trap - EXIT INT TERM
+  if [[ -n $NULL_MP ]]; then
+    is_mounted "$NULL_MP" && fusermount3 -u "$NULL_MP"
+    if [[ -n $NULL_PID ]] && ! wait_gone "$NULL_PID" 10 && pid_is "$NULL_PID" qcowfs-null; then
+      kill "$NULL_PID"; wait_gone "$NULL_PID" 10
+    fi
+  fi
   if [[ -n $QCOWFS_MP ]]; then
     is_mounted "$QCOWFS_MP" && fusermount3 -u "$QCOWFS_MP"
     if [[ -n $QCOWFS_PID ]] && ! wait_gone "$QCOWFS_PID" 30 && pid_is "$QCOWFS_PID" qcowfs; then
@@ -307,7 +343,9 @@ run_one() {
   local target=$1 w=$2 rep=$3 name unit args file direct=1 img="" v out mp=$WORK/mnt
   local -a timing=(--time_based --runtime="$runtime")
   IFS='|' read -r name unit args <<<"$w"
-  if [[ $name == first-touch-* ]]; then
+  if [[ $target == null ]]; then
+    [[ $name == first-touch-* ]] && timing=(--runtime="$runtime")
+  elif [[ $name == first-touch-* ]]; then
     timing=(--runtime="$runtime")
     if [[ $target == raw ]]; then
       truncate -s "$size_bytes" "$WORK/ft.raw"
@@ -332,7 +370,7 @@ run_one() {
   v=$(fio_value "$out" "$unit")
   if [[ $target != raw ]]; then
     "umount_$target"
-    check_image "$img" "$target $name run $rep"
+    [[ $target == null ]] || check_image "$img" "$target $name run $rep"
   fi
   rm -f "$WORK/ft.raw" "$WORK/ft.qcow2"
   record main "$name" "$unit" "$target" "$rep" "$v"
@@ -389,12 +427,13 @@ if [[ $do_main == 1 ]]; then
     check_image "$WORK/base.qcow2" "convert"
   fi
   targets=(raw qsd qcowfs)
+  [[ $ceiling == 1 ]] && targets+=(null)
   for (( rep = 1; rep <= repeat; rep++ )); do
     log "run $rep/$repeat"
     for w in "${ALL_WORKLOADS[@]}"; do
       selected "${w%%|*}" || continue
-      for (( i = 0; i < 3; i++ )); do # rotate the target order from one repeat to the next
-        run_one "${targets[$(( (i + rep - 1) % 3 ))]}" "$w" "$rep"
+      for (( i = 0; i < ${#targets[@]}; i++ )); do # rotate the target order from one repeat to the next
+        run_one "${targets[$(( (i + rep - 1) % ${#targets[@]} ))]}" "$w" "$rep"
       done
     done
   done
@@ -452,16 +491,25 @@ def ratio(a, b):
     return "%.2f" % (a / b) if a is not None and b else "-"
 
 if main:
+    ceiling = any(t["null"] for t in main.values())
     print("### fio (medians)\n")
-    print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    if ceiling:
+        print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw | null (no I/O) | null/qsd | qcowfs/null |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    else:
+        print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw |")
+        print("|---|---|---:|---:|---:|---:|---:|")
     for (name, unit), t in main.items():
-        r, q, c = med(t["raw"]), med(t["qsd"]), med(t["qcowfs"])
-        print("| %s | %s | %s | %s | %s | **%s** | %s |" % (
-            name, unit, fmt(r, unit), fmt(q, unit), fmt(c, unit), ratio(c, q), ratio(c, r)))
-    print("\nAll runs (raw / qsd / qcowfs):\n")
+        r, q, c, n = med(t["raw"]), med(t["qsd"]), med(t["qcowfs"]), med(t["null"])
+        line = "| %s | %s | %s | %s | %s | **%s** | %s |" % (
+            name, unit, fmt(r, unit), fmt(q, unit), fmt(c, unit), ratio(c, q), ratio(c, r))
+        if ceiling:
+            line += " %s | %s | %s |" % (fmt(n, unit), ratio(n, q), ratio(c, n))
+        print(line)
+    keys = ("raw", "qsd", "qcowfs", "null") if ceiling else ("raw", "qsd", "qcowfs")
+    print("\nAll runs (%s):\n" % " / ".join(keys))
     for (name, unit), t in main.items():
-        print("- %s: %s / %s / %s" % (name, *(", ".join(fmt(x, unit) for x in t[k]) for k in ("raw", "qsd", "qcowfs"))))
+        print("- %s: %s" % (name, " / ".join(", ".join(fmt(x, unit) for x in t[k]) for k in keys)))
     print()
 
 if scale:
