@@ -82,10 +82,34 @@ void ExpectReads(Qcow2Image* img, const std::vector<uint8_t>& model) {
   }
 }
 
+// Flushes and closes the image, reopens it and checks the data again, then
+// qemu-img check + compare.
+void CloseReopenAndCheck(MemDevice* mem, std::unique_ptr<Qcow2Image>* img, const std::vector<uint8_t>& model) {
+  REQUIRE((*img)->Flush().ok());
+  ExpectReads(img->get(), model);
+  REQUIRE((*img)->Close().ok());
+  img->reset();
+  auto again = OpenMem(mem);
+  ExpectReads(again.get(), model);
+  REQUIRE(again->Close().ok());
+  again.reset();
+  CheckWithQemu(*mem, model);
+}
+
 struct Config {
   uint32_t cluster_bits, refcount_order, version;
   bool extended_l2;
 };
+
+CreateOptions OptionsFor(const Config& cfg, uint64_t size) {
+  CreateOptions c;
+  c.size = size;
+  c.cluster_bits = cfg.cluster_bits;
+  c.refcount_order = cfg.refcount_order;
+  c.version = cfg.version;
+  c.extended_l2 = cfg.extended_l2;
+  return c;
+}
 
 TEST_CASE("engine: random writes round-trip across cluster and L2 boundaries") {
   const Config configs[] = {{9, 4, 3, false}, {12, 0, 3, false}, {16, 4, 3, false},
@@ -97,12 +121,7 @@ TEST_CASE("engine: random writes round-trip across cluster and L2 boundaries") {
     CAPTURE(cfg.version);
     CAPTURE(cfg.extended_l2);
     MemDevice mem;
-    CreateOptions c;
-    c.size = 6ull << 20;
-    c.cluster_bits = cfg.cluster_bits;
-    c.refcount_order = cfg.refcount_order;
-    c.version = cfg.version;
-    c.extended_l2 = cfg.extended_l2;
+    CreateOptions c = OptionsFor(cfg, 6ull << 20);
     auto img = CreateAndOpen(&mem, c);
     CHECK(img->Size() == c.size);
     std::vector<uint8_t> model(c.size, 0);
@@ -135,15 +154,7 @@ TEST_CASE("engine: random writes round-trip across cluster and L2 boundaries") {
       REQUIRE(std::memcmp(got.data(), model.data() + a, got.size()) == 0);
     }
     ExpectReads(img.get(), model);
-    REQUIRE(img->Flush().ok());
-    ExpectReads(img.get(), model);
-    REQUIRE(img->Close().ok());
-    img.reset();
-    auto again = OpenMem(&mem);
-    ExpectReads(again.get(), model);
-    REQUIRE(again->Close().ok());
-    again.reset();
-    CheckWithQemu(mem, model);
+    CloseReopenAndCheck(&mem, &img, model);
   }
 }
 
@@ -157,12 +168,7 @@ TEST_CASE("engine: a write over many allocated clusters, holes and zeros in betw
     CAPTURE(cfg.cluster_bits);
     CAPTURE(cfg.extended_l2);
     MemDevice mem;
-    CreateOptions c;
-    c.size = 4ull << 20;
-    c.cluster_bits = cfg.cluster_bits;
-    c.refcount_order = cfg.refcount_order;
-    c.version = cfg.version;
-    c.extended_l2 = cfg.extended_l2;
+    CreateOptions c = OptionsFor(cfg, 4ull << 20);
     auto img = CreateAndOpen(&mem, c);
     const uint64_t cs = 1ull << cfg.cluster_bits;
     const uint64_t n = std::min<uint64_t>(c.size / cs, 150);  // 512-byte clusters: 2 L2 tables and more
@@ -196,14 +202,7 @@ TEST_CASE("engine: a write over many allocated clusters, holes and zeros in betw
     write(31 * cs + 7, (n - 40) * cs);
     write((n - 1) * cs + cs - 1, 1);
     ExpectReads(img.get(), model);
-    REQUIRE(img->Flush().ok());
-    REQUIRE(img->Close().ok());
-    img.reset();
-    auto again = OpenMem(&mem);
-    ExpectReads(again.get(), model);
-    REQUIRE(again->Close().ok());
-    again.reset();
-    CheckWithQemu(mem, model);
+    CloseReopenAndCheck(&mem, &img, model);
   }
 }
 
