@@ -277,18 +277,18 @@ Status Qcow2Image::ClearUnknownAutoclear() NO_THREAD_SAFETY_ANALYSIS {
   return WriteHeaderSync();
 }
 
-// Recomputes every refcount from the L1/L2 tables (after a crash with lazy
-// refcounts) and writes a fresh refcount structure past the end of the file.
-// The header switches to it in one synced write; the old structure is then free.
-Status Qcow2Image::RebuildRefcounts() {
-  WriterLock lock(&meta_mu_);
+// Counts the references to each host cluster: the header, the L1 and L2 tables
+// (active and snapshots), data and compressed clusters, the snapshot table and,
+// with with_refcounts, the refcount table and blocks. Active L2 tables are read
+// through the cache (its copy is the newest).
+Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* counts) {
   const uint64_t cs = geo_.cluster_size;
   uint64_t file_size = host_->Size();
-  std::vector<uint64_t> counts((file_size + cs - 1) / cs + 1, 0);
+  counts->assign((file_size + cs - 1) / cs + 1, 0);
   auto add = [&](uint64_t off, uint64_t len) -> Status {
     if (off + len > file_size + cs)
       return Status::Corruption(name_ + ": metadata points beyond the end of the file (offset " + std::to_string(off) + ")");
-    for (uint64_t c = off / cs; c <= (off + len - 1) / cs; c++) counts[c]++;
+    for (uint64_t c = off / cs; c <= (off + len - 1) / cs; c++) (*counts)[c]++;
     return Status::Ok();
   };
   RETURN_IF_ERROR(add(0, cs));
@@ -308,9 +308,14 @@ Status Qcow2Image::RebuildRefcounts() {
       uint64_t l2off = e & kL1OffsetMask;
       if (!l2off) continue;
       RETURN_IF_ERROR(add(l2off, cs));
-      RETURN_IF_ERROR(host_->Read(l2off, l2.data(), cs));
+      const uint8_t* table = l2.data();
+      if (const TableCache::Entry* c = l2_cache_->Find(l2off)) {
+        table = c->data.data();
+      } else {
+        RETURN_IF_ERROR(host_->Read(l2off, l2.data(), cs));
+      }
       for (uint64_t j = 0; j < geo_.l2_entries; j++) {
-        uint64_t ent = LoadBE64(&l2[j * geo_.l2_entry_size]);
+        uint64_t ent = LoadBE64(&table[j * geo_.l2_entry_size]);
         if (ent & kOflagCompressed) {
           uint32_t x = geo_.csize_shift();
           uint64_t coff = ent & geo_.compressed_offset_mask();
@@ -330,6 +335,37 @@ Status Qcow2Image::RebuildRefcounts() {
     auto it = meta_regions_.find(header_.snapshots_offset);
     if (it != meta_regions_.end()) RETURN_IF_ERROR(add(it->first, it->second.first - it->first));
   }
+  if (with_refcounts) {
+    RETURN_IF_ERROR(add(header_.refcount_table_offset, uint64_t{header_.refcount_table_clusters} * cs));
+    for (uint64_t rb : reftable_)
+      if (rb) RETURN_IF_ERROR(add(rb, cs));
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Image::CheckRefcounts() {
+  WriterLock lock(&meta_mu_);
+  std::vector<uint64_t> counts;
+  RETURN_IF_ERROR(CountReferences(true, &counts));
+  for (uint64_t c = 0; c < counts.size(); c++) {
+    if (!counts[c]) continue;
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
+    if (rc < counts[c])
+      return Status::Corruption(name_ + ": host cluster at offset " + std::to_string(c * geo_.cluster_size) +
+                                " is referenced " + std::to_string(counts[c]) + " times but its refcount is " +
+                                std::to_string(rc) + " (run 'qemu-img check -r all')");
+  }
+  return Status::Ok();
+}
+
+// Recomputes every refcount from the L1/L2 tables (after a crash with lazy
+// refcounts) and writes a fresh refcount structure past the end of the file.
+// The header switches to it in one synced write; the old structure is then free.
+Status Qcow2Image::RebuildRefcounts() {
+  WriterLock lock(&meta_mu_);
+  const uint64_t cs = geo_.cluster_size;
+  std::vector<uint64_t> counts;
+  RETURN_IF_ERROR(CountReferences(false, &counts));
   // Size the new structure so that it also counts itself.
   const uint64_t base = counts.size();
   uint64_t nrb = 0, nrt = 0;

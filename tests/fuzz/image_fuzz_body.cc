@@ -101,8 +101,11 @@ Scratch& GetScratch() {
 // and every length to kMaxIo, so an input runs in milliseconds whatever its header says.
 class Runner {
  public:
-  Runner(Qcow2Image* img, bool writable)
-      : img_(img), writable_(writable), cs_(img->geometry().cluster_size),
+  // check_data: assert what the data reads after each operation. Off for images
+  // whose refcounts undercount references (CheckRefcounts fails): a new allocation
+  // can land on a cluster still in use, and like QEMU we do not scan for that.
+  Runner(Qcow2Image* img, bool writable, bool check_data)
+      : img_(img), writable_(writable), check_data_(check_data), cs_(img->geometry().cluster_size),
         buf_(GetScratch().a), before_(GetScratch().b) {}
 
   uint64_t cluster_size() const { return cs_; }
@@ -187,12 +190,14 @@ class Runner {
   }
 
   void Expect(uint64_t off, uint64_t len, const uint8_t* want, const char* what) {
+    if (!check_data_) return;
     buf_.resize(len);
     if (!img_->Read(off, buf_.data(), len).ok()) return;  // a failing read is allowed
     if (std::memcmp(buf_.data(), want, len) != 0) Fail(what, off, len);
   }
 
   void ExpectZeros(uint64_t off, uint64_t len, const char* what) {
+    if (!check_data_) return;
     buf_.resize(len);
     if (!img_->Read(off, buf_.data(), len).ok()) return;
     if (std::memcmp(buf_.data(), Zeros().data(), len) != 0) Fail(what, off, len);
@@ -200,6 +205,7 @@ class Runner {
 
   Qcow2Image* img_;
   const bool writable_;
+  const bool check_data_;
   const uint64_t cs_;
   std::vector<uint8_t>& buf_;
   std::vector<uint8_t>& before_;
@@ -299,7 +305,8 @@ void RunImageInput(const uint8_t* data, size_t size) {
   }
   {
     std::unique_ptr<Qcow2Image> img = std::move(r).value();
-    Runner run(img.get(), writable && !img->read_only());
+    const bool can_write = writable && !img->read_only();
+    Runner run(img.get(), can_write, !can_write || img->CheckRefcounts().ok());
     Reads(&run);
     if (writable) {
       Mutations(&run);
@@ -324,7 +331,7 @@ void RunImageInput(const uint8_t* data, size_t size) {
   // What the engine wrote must open again and read without crashing.
   auto again = Qcow2Image::OpenOn(devs, Options(true));
   if (!again.ok()) return;
-  Runner run(again.value().get(), false);
+  Runner run(again.value().get(), false, true);
   Reads(&run);
 }
 

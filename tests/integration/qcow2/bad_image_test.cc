@@ -360,6 +360,55 @@ TEST_CASE("bad image: failed writable open of a dirty image leaves it dirty") {
   CHECK((Get64(top, kOffIncompat) & qcowfs::qcow2::kIncompatDirty) != 0);
 }
 
+// qemu-img check is the oracle: the image is consistent, then a data cluster's refcount
+// is cleared by hand (qemu-img check: exit 2, "refcount=0 reference=1").
+TEST_CASE("bad image: CheckRefcounts finds a cluster in use with refcount 0, as qemu-img check does") {
+  TempDir dir("qcowfs-bad");
+  std::string p = MakeImage(dir, "rc.qcow2");
+  auto qemu_io = [&](const std::string& cmd) {
+    auto r = RunCommand({"qemu-io", "-f", "qcow2", "-c", cmd, p});
+    REQUIRE_MESSAGE(r.exit_code == 0, cmd << ": " << r.out << r.err);
+  };
+  qcowfs::testing::RequireTool("qemu-io");
+  qemu_io("write -P 0xaa 0 128k");
+  qemu_io("write -c -P 0xcc 1M 64k");  // compressed
+  QemuImg({"snapshot", "-c", "s1", p});
+  qemu_io("write -P 0xbb 2M 64k");  // only in the active layer: refcount 1
+  auto check_ok = [&](bool want_ok) {
+    auto r = Qcow2Image::Open(p, Opts(true));
+    REQUIRE_MESSAGE(r.ok(), r.status().message());
+    qcowfs::Status s = (*r)->CheckRefcounts();
+    return std::make_pair(s.ok() == want_ok, s.message());
+  };
+  REQUIRE(RunCommand({"qemu-img", "check", p}).exit_code == 0);
+  auto [consistent, none] = check_ok(true);
+  CHECK_MESSAGE(consistent, none);
+
+  // Host offset of guest 2M, from qemu-img map.
+  auto map = RunCommand({"qemu-img", "map", "--output=json", "--start-offset=2M", "--max-length=64k", p});
+  REQUIRE(map.exit_code == 0);
+  size_t at = map.out.find("\"offset\": ");
+  REQUIRE(at != std::string::npos);
+  const uint64_t host = std::stoull(map.out.substr(at + 10));
+  const uint64_t refblock = Get64(p, static_cast<off_t>(Get64(p, kOffRefTable)));
+  const off_t entry = static_cast<off_t>(refblock + 2 * (host >> 16));  // refcount_bits 16, 64K clusters
+  const std::vector<uint8_t> old = ReadBytes(p, entry, 2);
+  REQUIRE((old[0] << 8 | old[1]) == 1);  // big endian
+  const uint8_t zero[2] = {0, 0};
+  WriteBytes(p, entry, zero, 2);
+  auto chk = RunCommand({"qemu-img", "check", p});
+  CHECK(chk.exit_code == 2);
+  const std::string before = Sha256File(p);
+  auto [found, msg] = check_ok(false);
+  CHECK(found);
+  CAPTURE(msg);
+  CHECK(msg.find(p) != std::string::npos);
+  CHECK(msg.find(std::to_string(host)) != std::string::npos);
+  CHECK(msg.find("refcount is 0") != std::string::npos);
+  CHECK(msg.find('\n') == std::string::npos);
+  CHECK(Sha256File(p) == before);
+}
+
 TEST_CASE("bad image: unknown autoclear bits cleared on writable open only") {
   TempDir dir("qcowfs-bad");
   std::string p = MakeImage(dir, "a.qcow2");
