@@ -114,10 +114,11 @@ class Qcow2Image final : public block::BlockDevice {
   const Geometry& geometry() const { return geo_; }
   bool corrupt() const { return corrupt_.load(); }
   const std::vector<SnapshotInfo>& snapshots() const { return snapshots_; }
-  // Walks every table and checks that no host cluster has a refcount below its
-  // number of references (the corruption an allocation would overwrite data through;
-  // like QEMU, Open does not look for it). Corruption names the first such cluster.
-  Status CheckRefcounts() EXCLUDES(meta_mu_);
+  // Walks every table and checks that no host cluster below `limit` has a refcount
+  // below its number of references, past the end of the file included (the
+  // corruption an allocation would overwrite data through; like QEMU, Open does not
+  // look for it). Corruption names the first such cluster.
+  Status CheckRefcounts(uint64_t limit = UINT64_MAX) EXCLUDES(meta_mu_);
   ImageStats Stats();
   block::BlockDevice* backing() const { return backing_; }
   // Chain description for `info`: each backing file below this image, nearest first.
@@ -133,7 +134,8 @@ class Qcow2Image final : public block::BlockDevice {
   Status OpenBacking(const std::string& dir, std::set<std::string>* chain) NO_THREAD_SAFETY_ANALYSIS;
   Status LoadSnapshots();
   Status RebuildRefcounts() EXCLUDES(meta_mu_);
-  Status CountReferences(bool with_refcounts, std::vector<uint64_t>* counts) REQUIRES(meta_mu_);
+  Status CountReferences(bool with_refcounts, std::vector<uint64_t>* counts, std::map<uint64_t, uint64_t>* beyond,
+                         uint64_t limit) REQUIRES(meta_mu_);
   Status ClearUnknownAutoclear();
 
   // --- mapping (image_map.cc)

@@ -280,14 +280,28 @@ Status Qcow2Image::ClearUnknownAutoclear() NO_THREAD_SAFETY_ANALYSIS {
 // Counts the references to each host cluster: the header, the L1 and L2 tables
 // (active and snapshots), data and compressed clusters, the snapshot table and,
 // with with_refcounts, the refcount table and blocks. Active L2 tables are read
-// through the cache (its copy is the newest).
-Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* counts) {
+// through the cache (its copy is the newest). A reference past the end of the file
+// is corruption, or with `beyond` counted there (only clusters below `limit`; an L2
+// table past the end is not read).
+Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* counts,
+                                   std::map<uint64_t, uint64_t>* beyond, uint64_t limit) {
   const uint64_t cs = geo_.cluster_size;
   uint64_t file_size = host_->Size();
   counts->assign((file_size + cs - 1) / cs + 1, 0);
+  auto past_end = [&](uint64_t off, uint64_t len) { return off > file_size + cs || len > file_size + cs - off; };
   auto add = [&](uint64_t off, uint64_t len) -> Status {
-    if (off + len > file_size + cs)
-      return Status::Corruption(name_ + ": metadata points beyond the end of the file (offset " + std::to_string(off) + ")");
+    if (past_end(off, len)) {
+      if (!beyond)
+        return Status::Corruption(name_ + ": metadata points beyond the end of the file (offset " + std::to_string(off) + ")");
+      const uint64_t end = len > UINT64_MAX - off ? UINT64_MAX : off + len;
+      for (uint64_t c = off / cs; c * cs < std::min(end, limit); c++) {
+        if (c < counts->size())
+          (*counts)[c]++;
+        else
+          (*beyond)[c]++;
+      }
+      return Status::Ok();
+    }
     for (uint64_t c = off / cs; c <= (off + len - 1) / cs; c++) (*counts)[c]++;
     return Status::Ok();
   };
@@ -300,6 +314,7 @@ Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* c
     if (mem) {
       l1 = *mem;
     } else {
+      if (past_end(l1_off, l1_size * 8)) return Status::Ok();
       std::vector<uint8_t> raw(l1_size * 8);
       RETURN_IF_ERROR(host_->Read(l1_off, raw.data(), raw.size()));
       for (uint64_t i = 0; i < l1_size; i++) l1[i] = LoadBE64(&raw[i * 8]);
@@ -308,6 +323,7 @@ Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* c
       uint64_t l2off = e & kL1OffsetMask;
       if (!l2off) continue;
       RETURN_IF_ERROR(add(l2off, cs));
+      if (past_end(l2off, cs)) continue;
       const uint8_t* table = l2.data();
       if (const TableCache::Entry* c = l2_cache_->Find(l2off)) {
         table = c->data.data();
@@ -343,18 +359,22 @@ Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* c
   return Status::Ok();
 }
 
-Status Qcow2Image::CheckRefcounts() {
+Status Qcow2Image::CheckRefcounts(uint64_t limit) {
   WriterLock lock(&meta_mu_);
   std::vector<uint64_t> counts;
-  RETURN_IF_ERROR(CountReferences(true, &counts));
-  for (uint64_t c = 0; c < counts.size(); c++) {
-    if (!counts[c]) continue;
+  std::map<uint64_t, uint64_t> beyond;
+  RETURN_IF_ERROR(CountReferences(true, &counts, &beyond, limit));
+  auto check = [&](uint64_t c, uint64_t refs) -> Status {
+    if (!refs || c * geo_.cluster_size >= limit) return Status::Ok();
     ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
-    if (rc < counts[c])
-      return Status::Corruption(name_ + ": host cluster at offset " + std::to_string(c * geo_.cluster_size) +
-                                " is referenced " + std::to_string(counts[c]) + " times but its refcount is " +
-                                std::to_string(rc) + " (run 'qemu-img check -r all')");
-  }
+    if (rc >= refs) return Status::Ok();
+    return Status::Corruption(name_ + ": host cluster at offset " + std::to_string(c * geo_.cluster_size) +
+                              (c < counts.size() ? "" : " (past the end of the file)") + " is referenced " +
+                              std::to_string(refs) + " times but its refcount is " + std::to_string(rc) +
+                              " (run 'qemu-img check -r all')");
+  };
+  for (uint64_t c = 0; c < counts.size(); c++) RETURN_IF_ERROR(check(c, counts[c]));
+  for (auto [c, refs] : beyond) RETURN_IF_ERROR(check(c, refs));
   return Status::Ok();
 }
 
@@ -365,7 +385,7 @@ Status Qcow2Image::RebuildRefcounts() {
   WriterLock lock(&meta_mu_);
   const uint64_t cs = geo_.cluster_size;
   std::vector<uint64_t> counts;
-  RETURN_IF_ERROR(CountReferences(false, &counts));
+  RETURN_IF_ERROR(CountReferences(false, &counts, nullptr, UINT64_MAX));
   // Size the new structure so that it also counts itself.
   const uint64_t base = counts.size();
   uint64_t nrb = 0, nrt = 0;

@@ -4,6 +4,7 @@
 // corrupt image opens read-only only, and unknown header extensions survive a write.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -407,6 +408,30 @@ TEST_CASE("bad image: CheckRefcounts finds a cluster in use with refcount 0, as 
   CHECK(msg.find("refcount is 0") != std::string::npos);
   CHECK(msg.find('\n') == std::string::npos);
   CHECK(Sha256File(p) == before);
+  {
+    auto r = Qcow2Image::Open(p, Opts(true));
+    REQUIRE(r.ok());
+    CHECK((*r)->CheckRefcounts(host).ok());  // the limit excludes the cluster
+    CHECK_FALSE((*r)->CheckRefcounts(host + 65536).ok());
+  }
+
+  // Restore it, then point the L2 entry past the end of the file: an allocation
+  // that grows the file would hand that cluster out again.
+  const uint8_t one[2] = {0, 1};
+  WriteBytes(p, entry, one, 2);
+  REQUIRE(RunCommand({"qemu-img", "check", p}).exit_code == 0);
+  const uint64_t l2 = Get64(p, static_cast<off_t>(Get64(p, kOffL1Table))) & qcowfs::qcow2::kL1OffsetMask;
+  const off_t l2e = static_cast<off_t>(l2 + 8 * (2 << 20 >> 16));
+  REQUIRE((Get64(p, l2e) & qcowfs::qcow2::kL2OffsetMask) == host);
+  struct stat st {};
+  REQUIRE(stat(p.c_str(), &st) == 0);
+  const uint64_t past = (static_cast<uint64_t>(st.st_size) + 4 * 65536) & ~uint64_t{65535};
+  Put64(p, l2e, (Get64(p, l2e) & ~qcowfs::qcow2::kL2OffsetMask) | past);
+  CHECK(RunCommand({"qemu-img", "check", p}).exit_code == 2);
+  auto [found2, msg2] = check_ok(false);
+  CHECK(found2);
+  CAPTURE(msg2);
+  CHECK(msg2.find(std::to_string(past) + " (past the end of the file)") != std::string::npos);
 }
 
 TEST_CASE("bad image: unknown autoclear bits cleared on writable open only") {
