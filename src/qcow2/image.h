@@ -174,6 +174,7 @@ class Qcow2Image final : public block::BlockDevice {
   Result<uint64_t> GetRefcountLocked(uint64_t cluster) REQUIRES(meta_mu_);
   Status UpdateRefcount(uint64_t cluster, int64_t delta) REQUIRES(meta_mu_);
   Result<uint64_t> AllocClusters(uint64_t n) REQUIRES(meta_mu_);
+  Status CheckFreeIsNotMeta(uint64_t cluster) REQUIRES(meta_mu_);
   // Frees every host cluster an L2 entry holds, after the next metadata flush.
   void FreeEntryLater(uint64_t entry) REQUIRES(meta_mu_);
   void FreeLater(uint64_t host_off, uint64_t nclusters) REQUIRES(meta_mu_);
@@ -186,6 +187,8 @@ class Qcow2Image final : public block::BlockDevice {
   Status SetDirtyBit() REQUIRES(meta_mu_);
   Status GrowL1(uint64_t min_entries) REQUIRES(meta_mu_);
   Status CheckOverlap(uint64_t off, uint64_t len, const char* what) REQUIRES_SHARED(meta_mu_);
+  // What metadata overlaps [off, off+len) (nullptr: none).
+  const char* MetaAt(uint64_t off, uint64_t len) const REQUIRES_SHARED(meta_mu_);
   Status MarkCorrupt(const std::string& why);
   void AddMeta(uint64_t off, uint64_t len, const char* what) REQUIRES(meta_mu_);
   void RemoveMeta(uint64_t off) REQUIRES(meta_mu_);

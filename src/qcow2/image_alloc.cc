@@ -62,6 +62,16 @@ Status Qcow2Image::UpdateRefcount(uint64_t cluster, int64_t delta) {
   return Status::Ok();
 }
 
+// A cluster with refcount 0 that holds live metadata means the refcounts are corrupt:
+// handing it out would overwrite a table, so the allocation fails (and the caller
+// marks the image corrupt) instead.
+Status Qcow2Image::CheckFreeIsNotMeta(uint64_t cluster) {
+  const char* meta = MetaAt(cluster * geo_.cluster_size, geo_.cluster_size);
+  if (!meta) return Status::Ok();
+  return Status::Corruption(name_ + ": host cluster at offset " + std::to_string(cluster * geo_.cluster_size) +
+                            " has refcount 0 but holds the " + meta + " (run 'qemu-img check -r all')");
+}
+
 // Finds n contiguous free clusters, makes sure refcount blocks cover them (new
 // blocks describe themselves: they sit inside the range they count), and takes
 // a reference on each. A cluster is free when its refcount is 0 and no tracked
@@ -76,6 +86,7 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
   while (run < n) {
     ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
     bool free = rc == 0 && !busy.Overlaps(c * cs, cs);
+    if (free) RETURN_IF_ERROR(CheckFreeIsNotMeta(c));
     if (rc == 0 && !hint_moved) {
       free_hint_ = c;
       hint_moved = true;
@@ -100,6 +111,7 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     for (uint64_t x = std::max<uint64_t>(lo, 1); x < hi; x++) {
       if (x >= start && x < start + n) continue;
       if (!busy.Overlaps(x * cs, cs)) {
+        RETURN_IF_ERROR(CheckFreeIsNotMeta(x));
         pick = x;
         break;
       }

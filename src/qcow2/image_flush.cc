@@ -143,14 +143,19 @@ void Qcow2Image::AddMeta(uint64_t off, uint64_t len, const char* what) {
 
 void Qcow2Image::RemoveMeta(uint64_t off) { meta_regions_.erase(off); }
 
-Status Qcow2Image::CheckOverlap(uint64_t off, uint64_t len, const char* what) {
+const char* Qcow2Image::MetaAt(uint64_t off, uint64_t len) const {
   auto it = meta_regions_.upper_bound(off + len - 1);
-  if (it == meta_regions_.begin()) return Status::Ok();
+  if (it == meta_regions_.begin()) return nullptr;
   --it;
-  if (it->second.first <= off) return Status::Ok();
+  return it->second.first <= off ? nullptr : it->second.second;
+}
+
+Status Qcow2Image::CheckOverlap(uint64_t off, uint64_t len, const char* what) {
+  const char* meta = MetaAt(off, len);
+  if (!meta) return Status::Ok();
   char buf[256];
   snprintf(buf, sizeof(buf), "%s: preventing invalid %s write at host offset 0x%llx (overlaps with %s)",
-           name_.c_str(), what, static_cast<unsigned long long>(off), it->second.second);
+           name_.c_str(), what, static_cast<unsigned long long>(off), meta);
   return Status::Corruption(buf);
 }
 

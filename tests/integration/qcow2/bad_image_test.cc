@@ -434,6 +434,41 @@ TEST_CASE("bad image: CheckRefcounts finds a cluster in use with refcount 0, as 
   CHECK(msg2.find(std::to_string(past) + " (past the end of the file)") != std::string::npos);
 }
 
+// A refcount of 0 on a live L2 table: QEMU would hand that cluster out for the next new
+// table and overwrite the old one. The allocator sees the table there and refuses.
+TEST_CASE("bad image: an L2 table with refcount 0 is never handed out again") {
+  TempDir dir("qcowfs-bad");
+  std::string p = dir.File("l2rc.qcow2");
+  QemuImg({"create", "-q", "-f", "qcow2", p, "1G"});
+  qcowfs::testing::RequireTool("qemu-io");
+  REQUIRE(RunCommand({"qemu-io", "-f", "qcow2", "-c", "write -P 0xaa 0 64k", p}).exit_code == 0);
+  const uint64_t l2 = Get64(p, static_cast<off_t>(Get64(p, kOffL1Table))) & qcowfs::qcow2::kL1OffsetMask;
+  REQUIRE(l2 != 0);
+  const uint64_t refblock = Get64(p, static_cast<off_t>(Get64(p, kOffRefTable)));
+  const uint8_t zero[2] = {0, 0};
+  WriteBytes(p, static_cast<off_t>(refblock + 2 * (l2 >> 16)), zero, 2);
+  const std::vector<uint8_t> table = ReadBytes(p, static_cast<off_t>(l2), 65536);
+  {
+    auto r = Qcow2Image::Open(p, Opts(false));
+    REQUIRE_MESSAGE(r.ok(), r.status().message());
+    std::vector<uint8_t> buf(4096, 0x55);
+    // 600M lies under the second L1 entry: its new L2 table needs a cluster.
+    qcowfs::Status s = (*r)->Write(600ull << 20, buf.data(), buf.size());
+    CAPTURE(s.message());
+    CHECK(s.is_corruption());
+    CHECK(s.message().find("refcount 0 but holds the active L2 table") != std::string::npos);
+    CHECK((*r)->corrupt());
+    CHECK_FALSE((*r)->Write(0, buf.data(), buf.size()).ok());  // later writes fail too
+    (void)(*r)->Close();
+  }
+  CHECK(ReadBytes(p, static_cast<off_t>(l2), 65536) == table);
+  auto info = RunCommand({"qemu-img", "info", "-U", p});
+  CHECK(info.out.find("corrupt: true") != std::string::npos);
+  auto rd = RunCommand({"qemu-io", "-r", "-U", "-f", "qcow2", "-c", "read -P 0xaa 0 64k", p});
+  CHECK_MESSAGE(rd.exit_code == 0, rd.out << rd.err);
+  CHECK(rd.out.find("Pattern verification failed") == std::string::npos);
+}
+
 TEST_CASE("bad image: unknown autoclear bits cleared on writable open only") {
   TempDir dir("qcowfs-bad");
   std::string p = MakeImage(dir, "a.qcow2");
