@@ -101,23 +101,34 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     if (c > (1ull << (56 - geo_.cluster_bits)))
       return Status::NoSpace(name_ + ": host offset space exhausted");
   }
-  // Refcount blocks for [start, start+n): place missing ones in their own range,
-  // outside the clusters being allocated, or past it when the range is all ours.
+  // Refcount blocks for [start, start+n). A missing block goes into its own range,
+  // outside the clusters being allocated, and counts itself. A block the allocation
+  // covers entirely goes past the allocation, after any block placed there before; if
+  // that spot's own block is missing too, the loop places it as well. Blocks placed
+  // outside their range are counted once every block exists.
+  auto unusable = [&](uint64_t x) { return busy.Overlaps(x * cs, cs) || MetaAt(x * cs, cs) != nullptr; };
+  std::vector<uint64_t> count_later;
   uint64_t next_outside = start + n;
-  for (uint64_t b = start / per; b <= (start + n - 1) / per; b++) {
+  uint64_t last_block = (start + n - 1) / per;
+  for (uint64_t b = start / per; b <= last_block; b++) {
     if (b < reftable_.size() && reftable_[b]) continue;
     uint64_t lo = b * per, hi = lo + per;
     uint64_t pick = 0;
     for (uint64_t x = std::max<uint64_t>(lo, 1); x < hi; x++) {
-      if (x >= start && x < start + n) continue;
-      if (!busy.Overlaps(x * cs, cs)) {
-        RETURN_IF_ERROR(CheckFreeIsNotMeta(x));
-        pick = x;
-        break;
-      }
+      if ((x >= start && x < start + n) || unusable(x)) continue;
+      pick = x;
+      break;
     }
-    bool self = pick != 0;
-    if (!self) pick = next_outside++;  // block fully covered by this allocation
+    const bool self = pick != 0;
+    if (!self) {
+      for (;;) {
+        ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(next_outside));
+        if (rc == 0 && !unusable(next_outside)) break;
+        next_outside++;
+      }
+      pick = next_outside++;
+      last_block = std::max(last_block, pick / per);
+    }
     if (b >= reftable_.size()) reftable_.resize(std::max<uint64_t>(b + 1, reftable_.size() * 2), 0);
     RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
     TableCache::Entry* e = rb_cache_->Insert(pick * cs, std::vector<uint8_t>(cs, 0));
@@ -126,18 +137,12 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     reftable_dirty_.insert(b * 8 / cs);
     AddMeta(pick * cs, cs, "refcount block");
     metadata_dirty_ = true;
-    if (self) {
+    if (self)
       RETURN_IF_ERROR(UpdateRefcount(pick, 1));
-    } else {
-      // pick lies in a later block that may itself be missing: count it there.
-      uint64_t pb = pick / per;
-      if (pb >= reftable_.size() || !reftable_[pb]) {
-        // Rare (tiny clusters with a huge allocation): retry with the block in place.
-        return AllocClusters(n);
-      }
-      RETURN_IF_ERROR(UpdateRefcount(pick, 1));
-    }
+    else
+      count_later.push_back(pick);
   }
+  for (uint64_t pick : count_later) RETURN_IF_ERROR(UpdateRefcount(pick, 1));
   for (uint64_t i = 0; i < n; i++) RETURN_IF_ERROR(UpdateRefcount(start + i, 1));
   if (free_hint_ == start) free_hint_ = start + n;
   return start * cs;

@@ -336,6 +336,34 @@ TEST_CASE("engine: refcount table grows past its first cluster") {
   CheckWithQemu(mem, model);
 }
 
+// 512-byte clusters with 64-bit refcounts: a refcount block covers 64 clusters, so the
+// 512-cluster L1 table of a 1 GiB image spans refcount blocks that do not exist yet, some
+// of them entirely: their blocks must go outside the new table, each exactly once.
+TEST_CASE("engine: an allocation covering whole missing refcount blocks") {
+  MemDevice mem;
+  CreateOptions c;
+  c.size = 1 << 20;
+  c.cluster_bits = 9;
+  c.refcount_order = 6;
+  auto img = CreateAndOpen(&mem, c);
+  std::vector<uint8_t> model(1ull << 30, 0);
+  std::vector<uint8_t> buf(4096);
+  Fill(&buf, 1);
+  REQUIRE(img->Write(0, buf.data(), buf.size()).ok());
+  std::memcpy(model.data(), buf.data(), buf.size());
+  Status s = img->Resize(1ull << 30);
+  REQUIRE_MESSAGE(s.ok(), s.message());
+  for (uint64_t off : {uint64_t{512} << 20, uint64_t{(1ull << 30) - 4096}, uint64_t{3} << 20}) {
+    Fill(&buf, off);
+    s = img->Write(off, buf.data(), buf.size());
+    REQUIRE_MESSAGE(s.ok(), "at " << off << ": " << s.message());
+    std::memcpy(model.data() + off, buf.data(), buf.size());
+  }
+  CHECK(img->header().l1_size >= (1u << 30) / (64 * 512));
+  CHECK(img->CheckRefcounts().ok());
+  CloseReopenAndCheck(&mem, &img, model);
+}
+
 TEST_CASE("engine: discard frees host space and reads zeros") {
   MemDevice mem;
   CreateOptions c;
