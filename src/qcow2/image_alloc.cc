@@ -106,7 +106,6 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
   // covers entirely goes past the allocation, after any block placed there before; if
   // that spot's own block is missing too, the loop places it as well. Blocks placed
   // outside their range are counted once every block exists.
-  auto unusable = [&](uint64_t x) { return busy.Overlaps(x * cs, cs) || MetaAt(x * cs, cs) != nullptr; };
   std::vector<uint64_t> count_later;
   uint64_t next_outside = start + n;
   uint64_t last_block = (start + n - 1) / per;
@@ -115,7 +114,7 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     uint64_t lo = b * per, hi = lo + per;
     uint64_t pick = 0;
     for (uint64_t x = std::max<uint64_t>(lo, 1); x < hi; x++) {
-      if ((x >= start && x < start + n) || unusable(x)) continue;
+      if ((x >= start && x < start + n) || busy.Overlaps(x * cs, cs) || MetaAt(x * cs, cs)) continue;
       pick = x;
       break;
     }
@@ -123,7 +122,7 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     if (!self) {
       for (;;) {
         ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(next_outside));
-        if (rc == 0 && !unusable(next_outside)) break;
+        if (rc == 0 && !busy.Overlaps(next_outside * cs, cs) && !MetaAt(next_outside * cs, cs)) break;
         next_outside++;
       }
       pick = next_outside++;

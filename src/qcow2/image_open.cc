@@ -307,6 +307,7 @@ Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* c
   };
   RETURN_IF_ERROR(add(0, cs));
   std::vector<uint8_t> l2(cs);
+  TableCache* l2_cache = l2_cache_.get();  // (the lambda runs under the caller's lock)
   auto walk = [&](uint64_t l1_off, uint64_t l1_size, const std::vector<uint64_t>* mem) -> Status {
     if (l1_size == 0) return Status::Ok();
     RETURN_IF_ERROR(add(l1_off, l1_size * 8));
@@ -325,7 +326,7 @@ Status Qcow2Image::CountReferences(bool with_refcounts, std::vector<uint64_t>* c
       RETURN_IF_ERROR(add(l2off, cs));
       if (past_end(l2off, cs)) continue;
       const uint8_t* table = l2.data();
-      if (const TableCache::Entry* c = l2_cache_->Find(l2off)) {
+      if (const TableCache::Entry* c = l2_cache->Find(l2off)) {
         table = c->data.data();
       } else {
         RETURN_IF_ERROR(host_->Read(l2off, l2.data(), cs));
@@ -364,17 +365,19 @@ Status Qcow2Image::CheckRefcounts(uint64_t limit) {
   std::vector<uint64_t> counts;
   std::map<uint64_t, uint64_t> beyond;
   RETURN_IF_ERROR(CountReferences(true, &counts, &beyond, limit));
-  auto check = [&](uint64_t c, uint64_t refs) -> Status {
-    if (!refs || c * geo_.cluster_size >= limit) return Status::Ok();
+  std::vector<std::pair<uint64_t, uint64_t>> used;  // cluster, references
+  for (uint64_t c = 0; c < counts.size(); c++)
+    if (counts[c]) used.emplace_back(c, counts[c]);
+  used.insert(used.end(), beyond.begin(), beyond.end());
+  for (auto [c, refs] : used) {
+    if (c * geo_.cluster_size >= limit) continue;
     ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
-    if (rc >= refs) return Status::Ok();
+    if (rc >= refs) continue;
     return Status::Corruption(name_ + ": host cluster at offset " + std::to_string(c * geo_.cluster_size) +
                               (c < counts.size() ? "" : " (past the end of the file)") + " is referenced " +
                               std::to_string(refs) + " times but its refcount is " + std::to_string(rc) +
                               " (run 'qemu-img check -r all')");
-  };
-  for (uint64_t c = 0; c < counts.size(); c++) RETURN_IF_ERROR(check(c, counts[c]));
-  for (auto [c, refs] : beyond) RETURN_IF_ERROR(check(c, refs));
+  }
   return Status::Ok();
 }
 
