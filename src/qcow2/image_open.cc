@@ -365,18 +365,20 @@ Status Qcow2Image::CheckRefcounts(uint64_t limit) {
   std::vector<uint64_t> counts;
   std::map<uint64_t, uint64_t> beyond;
   RETURN_IF_ERROR(CountReferences(true, &counts, &beyond, limit));
-  std::vector<std::pair<uint64_t, uint64_t>> used;  // cluster, references
-  for (uint64_t c = 0; c < counts.size(); c++)
-    if (counts[c]) used.emplace_back(c, counts[c]);
-  used.insert(used.end(), beyond.begin(), beyond.end());
-  for (auto [c, refs] : used) {
-    if (c * geo_.cluster_size >= limit) continue;
-    ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
-    if (rc >= refs) continue;
+  auto undercount = [&](uint64_t c, uint64_t refs, uint64_t rc) {
     return Status::Corruption(name_ + ": host cluster at offset " + std::to_string(c * geo_.cluster_size) +
                               (c < counts.size() ? "" : " (past the end of the file)") + " is referenced " +
                               std::to_string(refs) + " times but its refcount is " + std::to_string(rc) +
                               " (run 'qemu-img check -r all')");
+  };
+  for (uint64_t c = 0; c < counts.size() && c * geo_.cluster_size < limit; c++) {
+    if (!counts[c]) continue;
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
+    if (rc < counts[c]) return undercount(c, counts[c], rc);
+  }
+  for (auto [c, refs] : beyond) {  // all below limit (CountReferences)
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(c));
+    if (rc < refs) return undercount(c, refs, rc);
   }
   return Status::Ok();
 }
