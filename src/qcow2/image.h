@@ -173,7 +173,13 @@ class Qcow2Image final : public block::BlockDevice {
   Result<TableCache::Entry*> Refblock(uint64_t block_index, bool create) REQUIRES(meta_mu_);
   Result<uint64_t> GetRefcountLocked(uint64_t cluster) REQUIRES(meta_mu_);
   Status UpdateRefcount(uint64_t cluster, int64_t delta) REQUIRES(meta_mu_);
-  Result<uint64_t> AllocClusters(uint64_t n) REQUIRES(meta_mu_);
+  // Takes n contiguous free host clusters (refcount 1 each). reserve: they will hold
+  // metadata, so their host space is reserved first (fallocate): a table written later
+  // never needs space the host no longer has. Fails with nothing changed.
+  Result<uint64_t> AllocClusters(uint64_t n, bool reserve) REQUIRES(meta_mu_);
+  // Undoes AllocClusters(n) for clusters no table ever pointed to.
+  void UnallocClusters(uint64_t host_off, uint64_t n) REQUIRES(meta_mu_);
+  Status ReserveHost(uint64_t off, uint64_t len) REQUIRES(meta_mu_);
   Status CheckFreeIsNotMeta(uint64_t cluster) REQUIRES(meta_mu_);
   // Frees every host cluster an L2 entry holds, after the next metadata flush.
   void FreeEntryLater(uint64_t entry) REQUIRES(meta_mu_);
@@ -184,6 +190,10 @@ class Qcow2Image final : public block::BlockDevice {
   // --- metadata flush, header, corruption (image_flush.cc)
   Status FlushLocked() REQUIRES(meta_mu_);
   Status WriteHeaderSync() REQUIRES(meta_mu_);
+  Status WriteHeader(const Header& h) REQUIRES(meta_mu_);
+  Status SyncDevice(block::BlockDevice* dev) REQUIRES(meta_mu_);
+  bool MetadataDirtyLocked() REQUIRES(meta_mu_);
+  Status MapRawDataFile(uint64_t from, uint64_t to) EXCLUDES(meta_mu_);
   Status SetDirtyBit() REQUIRES(meta_mu_);
   Status GrowL1(uint64_t min_entries) REQUIRES(meta_mu_);
   Status CheckOverlap(uint64_t off, uint64_t len, const char* what) REQUIRES_SHARED(meta_mu_);
@@ -227,6 +237,9 @@ class Qcow2Image final : public block::BlockDevice {
   mutable SharedMutex meta_mu_;
   SharedCondVar busy_cv_;
   Header header_ GUARDED_BY(meta_mu_);
+  Header disk_header_ GUARDED_BY(meta_mu_);  // the header as last written (or read)
+  // Set once a host flush failed; every later flush returns it (see SyncDevice).
+  Status flush_error_ GUARDED_BY(meta_mu_);
   std::vector<uint8_t> cluster0_ GUARDED_BY(meta_mu_);  // header bytes as on disk
   std::vector<uint64_t> l1_ GUARDED_BY(meta_mu_);
   std::set<uint64_t> l1_dirty_ GUARDED_BY(meta_mu_);   // dirty L1 clusters (index)

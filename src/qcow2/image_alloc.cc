@@ -10,15 +10,28 @@ Status Qcow2Image::EnsureCacheRoom(TableCache* cache) {
   while (cache->full()) {
     TableCache::Entry* v = cache->Victim();
     if (v->dirty) {
+      Status s;
       if (cache == l2_cache_.get()) {
         // An L2 table may reach the disk only after the data and refcounts it
         // depends on: run the ordered flush, which cleans every L2 table.
-        RETURN_IF_ERROR(FlushLocked());
+        s = FlushLocked();
       } else {
         // Refcount blocks may be written at any time (increments first is safe;
         // decrements are applied only after the dropping L2 is durable).
-        RETURN_IF_ERROR(host_->Write(v->offset, v->data.data(), v->data.size()));
-        v->dirty = false;
+        s = host_->Write(v->offset, v->data.data(), v->data.size());
+        if (s.ok()) v->dirty = false;
+      }
+      if (!s.ok()) {
+        // The host cannot take metadata now (full, failing): evict a clean table if
+        // there is one, or let the cache run over its size until a flush succeeds.
+        // The request that needed room must not fail for it (a read never does).
+        TableCache::Entry* clean = nullptr;
+        cache->ForEach([&](TableCache::Entry* e) {
+          if (!e->dirty && (!clean || e->last_use.load() < clean->last_use.load())) clean = e;
+        });
+        if (clean) cache->Erase(clean->offset);
+        QCOWFS_LOG(Warn, "%s: metadata cache over its size: %s", name_.c_str(), s.message().c_str());
+        return Status::Ok();
       }
     }
     if (cache->full()) cache->Erase(cache->Victim()->offset);
@@ -75,8 +88,10 @@ Status Qcow2Image::CheckFreeIsNotMeta(uint64_t cluster) {
 // Finds n contiguous free clusters, makes sure refcount blocks cover them (new
 // blocks describe themselves: they sit inside the range they count), and takes
 // a reference on each. A cluster is free when its refcount is 0 and no tracked
-// request overlaps it.
-Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
+// request overlaps it. Everything is chosen first, then host space is reserved
+// for the new refcount blocks (and, with reserve, for the clusters), and only
+// then does anything change: a full host fails the allocation with nothing done.
+Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n, bool reserve) {
   const uint64_t cs = geo_.cluster_size;
   const uint64_t per = geo_.refblock_entries;
   HostRangeSet busy(opts_.unsafe_ignore_inflight ? std::vector<HostRange>{} : inflight_.Snapshot());
@@ -106,7 +121,16 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
   // covers entirely goes past the allocation, after any block placed there before; if
   // that spot's own block is missing too, the loop places it as well. Blocks placed
   // outside their range are counted once every block exists.
-  std::vector<uint64_t> count_later;
+  struct NewBlock {
+    uint64_t index, cluster;
+    bool self;
+  };
+  std::vector<NewBlock> blocks;
+  auto planned = [&](uint64_t x) {
+    for (const NewBlock& nb : blocks)
+      if (nb.cluster == x) return true;
+    return false;
+  };
   uint64_t next_outside = start + n;
   uint64_t last_block = (start + n - 1) / per;
   for (uint64_t b = start / per; b <= last_block; b++) {
@@ -114,7 +138,7 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     uint64_t lo = b * per, hi = lo + per;
     uint64_t pick = 0;
     for (uint64_t x = std::max<uint64_t>(lo, 1); x < hi; x++) {
-      if ((x >= start && x < start + n) || busy.Overlaps(x * cs, cs) || MetaAt(x * cs, cs)) continue;
+      if ((x >= start && x < start + n) || busy.Overlaps(x * cs, cs) || MetaAt(x * cs, cs) || planned(x)) continue;
       pick = x;
       break;
     }
@@ -122,29 +146,56 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
     if (!self) {
       for (;;) {
         ASSIGN_OR_RETURN(uint64_t rc, GetRefcountLocked(next_outside));
-        if (rc == 0 && !busy.Overlaps(next_outside * cs, cs) && !MetaAt(next_outside * cs, cs)) break;
+        if (rc == 0 && !busy.Overlaps(next_outside * cs, cs) && !MetaAt(next_outside * cs, cs) &&
+            !planned(next_outside))
+          break;
         next_outside++;
       }
       pick = next_outside++;
       last_block = std::max(last_block, pick / per);
     }
-    if (b >= reftable_.size()) reftable_.resize(std::max<uint64_t>(b + 1, reftable_.size() * 2), 0);
-    RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
-    TableCache::Entry* e = rb_cache_->Insert(pick * cs, std::vector<uint8_t>(cs, 0));
-    e->dirty = true;
-    reftable_[b] = pick * cs;
-    reftable_dirty_.insert(b * 8 / cs);
-    AddMeta(pick * cs, cs, "refcount block");
-    metadata_dirty_ = true;
-    if (self)
-      RETURN_IF_ERROR(UpdateRefcount(pick, 1));
-    else
-      count_later.push_back(pick);
+    blocks.push_back(NewBlock{b, pick, self});
   }
-  for (uint64_t pick : count_later) RETURN_IF_ERROR(UpdateRefcount(pick, 1));
+  if (reserve) RETURN_IF_ERROR(ReserveHost(start * cs, n * cs));
+  for (const NewBlock& nb : blocks) RETURN_IF_ERROR(ReserveHost(nb.cluster * cs, cs));
+  for (const NewBlock& nb : blocks) {
+    if (nb.index >= reftable_.size()) reftable_.resize(std::max<uint64_t>(nb.index + 1, reftable_.size() * 2), 0);
+    RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
+    TableCache::Entry* e = rb_cache_->Insert(nb.cluster * cs, std::vector<uint8_t>(cs, 0));
+    e->dirty = true;
+    reftable_[nb.index] = nb.cluster * cs;
+    reftable_dirty_.insert(nb.index * 8 / cs);
+    AddMeta(nb.cluster * cs, cs, "refcount block");
+    metadata_dirty_ = true;
+    if (nb.self) RETURN_IF_ERROR(UpdateRefcount(nb.cluster, 1));
+  }
+  for (const NewBlock& nb : blocks)
+    if (!nb.self) RETURN_IF_ERROR(UpdateRefcount(nb.cluster, 1));
   for (uint64_t i = 0; i < n; i++) RETURN_IF_ERROR(UpdateRefcount(start + i, 1));
   if (free_hint_ == start) free_hint_ = start + n;
   return start * cs;
+}
+
+// Host space for clusters about to hold metadata. ENOSPC names the image.
+Status Qcow2Image::ReserveHost(uint64_t off, uint64_t len) {
+  Status s = host_->Allocate(off, len);
+  if (s.ok()) return s;
+  if (s.err() == ENOSPC) return Status::NoSpace(name_ + ": no space left on the host for metadata");
+  return s;
+}
+
+void Qcow2Image::UnallocClusters(uint64_t host_off, uint64_t n) {
+  const uint64_t cs = geo_.cluster_size;
+  for (uint64_t c = host_off / cs; c < host_off / cs + n; c++) {
+    Status s = UpdateRefcount(c, -1);
+    if (!s.ok()) {
+      QCOWFS_LOG(Warn, "%s: %s", name_.c_str(), s.message().c_str());
+      continue;
+    }
+    // Under meta_mu_, before anyone can allocate it again: give back what a failed
+    // write may have taken.
+    if (opts_.discard_unmap) (void)host_->Discard(c * cs, cs);
+  }
 }
 
 void Qcow2Image::FreeLater(uint64_t host_off, uint64_t nclusters) {

@@ -239,7 +239,9 @@ Status Qcow2Image::WriteDataFile(uint64_t off, const void* buf, size_t len) {
   return data_->Write(off, buf, len);
 }
 
-// Writes [off, off+len), which lies inside one guest cluster.
+// Writes [off, off+len), which lies inside one guest cluster. buf == nullptr:
+// preallocation, the cluster (if still unallocated) gets a host cluster holding
+// what it reads now, built under the busy mark so no concurrent write is lost.
 Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) {
   const uint64_t cs = geo_.cluster_size;
   const uint64_t sub = geo_.subcluster_size;
@@ -249,7 +251,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
   const uint32_t s_first = static_cast<uint32_t>(in / sub), s_last = static_cast<uint32_t>((in + len - 1) / sub);
   auto in_place = [&](const ClusterInfo& ci) { return WritableInPlace(ci, in, len, sub); };
   // Fast path: an allocated cluster with refcount 1, under the shared lock.
-  {
+  if (buf) {
     InFlightRefs refs(&inflight_);
     uint64_t host = 0;
     bool fast = false;
@@ -277,6 +279,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
   InFlightRefs refs(&inflight_);
   ClusterInfo old;
   uint64_t host = 0;
+  bool fresh = false;  // newly allocated here: given back if the write fails
   meta_mu_.Lock();
   LockGuest(gc, gc);
   {
@@ -285,7 +288,8 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
     old = Decode(t.value()->data.data(), gc);
   }
   if (old.type == ClusterInfo::kInvalid) return UnlockAndFail(gc, InvalidEntry(gc));
-  if (in_place(old)) {  // became allocated while we waited
+  if (!buf && old.type != ClusterInfo::kUnallocated) return UnlockAndFail(gc, Status::Ok());
+  if (buf && in_place(old)) {  // became allocated while we waited
     host = old.host + in;
     Status s = has_data_file_ ? Status::Ok() : CheckOverlap(host, len, "data");
     if (!s.ok()) return UnlockAndFail(gc, s);
@@ -299,9 +303,10 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
   } else if (old.type == ClusterInfo::kNormal && old.copied) {
     host = old.host;  // in place, but subclusters need allocating or zero-filling
   } else {
-    auto a = AllocClusters(1);
+    auto a = AllocClusters(1, false);
     if (!a.ok()) return UnlockAndFail(gc, a.status());
     host = a.value();
+    fresh = true;
   }
   if (!has_data_file_) {
     Status s = CheckOverlap(host, cs, "data");
@@ -347,12 +352,18 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
     }
     return Status::Ok();
   };
-  if (in == 0 && len == cs) {
+  if (!buf) {
+    // Preallocation: the whole cluster as it reads now.
+    cbuf.resize(cs);
+    for (uint32_t s = 0; s < nsub && st.ok(); s++) st = fill_old(s, s * sub, (s + 1) * sub);
+    if (st.ok()) st = WriteDataFile(host, cbuf.data(), cs);
+    new_bitmap = nsub == 1 ? 1 : (1ull << nsub) - 1;
+  } else if (in == 0 && len == cs) {
     // The whole cluster is new: nothing to merge, write the caller's buffer.
     st = WriteDataFile(host, buf, cs);
     new_bitmap = nsub == 1 ? 1 : (1ull << nsub) - 1;  // all data, no zero bits
   }
-  for (uint32_t s = 0; s < nsub && st.ok() && !(in == 0 && len == cs); s++) {
+  for (uint32_t s = 0; s < nsub && st.ok() && buf && !(in == 0 && len == cs); s++) {
     uint64_t sa = s * sub, sb = sa + sub;
     bool touched = s >= s_first && s <= s_last;
     SubState os = old.type == ClusterInfo::kCompressed ? SubState::kData : old.Sub(nsub == 1 ? 0 : s);
@@ -397,6 +408,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
       if (replaced && old.type != ClusterInfo::kUnallocated) FreeEntryLater(old.entry);
     }
   }
+  if (!st.ok() && fresh) UnallocClusters(host, 1);  // no table points at it
   UnlockGuest(gc, gc);
   meta_mu_.Unlock();
   return st;
@@ -532,7 +544,6 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable());
   if (offset > Size() || len > Size() - offset) return Status::NoSpace(name_ + ": beyond the end of the image");
   const uint64_t cs = geo_.cluster_size;
-  std::vector<uint8_t> buf;
   for (uint64_t gc = offset / cs; gc * cs < offset + len; gc++) {
     const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
     bool copy_data = false;
@@ -549,23 +560,26 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
       } else {
         uint64_t host = gc * cs;
         if (!has_data_file_) {
-          auto a = AllocClusters(1);
+          auto a = AllocClusters(1, false);
           if (!a.ok()) return a.status();
           host = a.value();
         }
         // Reserve the host range before the entry can reach the disk: an L2 entry
         // must never point past the end of the host file.
-        RETURN_IF_ERROR(data_->Allocate(host, cs));
+        Status r = data_->Allocate(host, cs);
+        if (!r.ok()) {
+          if (!has_data_file_) UnallocClusters(host, 1);
+          return r;
+        }
         Encode(t->data.data(), l2i, host | kOflagCopied, kBitmapAllZero);
         t->dirty = true;
         metadata_dirty_ = true;
       }
     }
     if (copy_data) {
-      uint64_t start = gc * cs, n = std::min(cs, Size() - start);
-      buf.resize(n);
-      RETURN_IF_ERROR(Read(start, buf.data(), n));
-      Status s = WriteCluster(start, buf.data(), n);
+      // Built and linked under the guest cluster's busy mark (a concurrent write to
+      // the cluster waits, and is never overwritten by what was read before it).
+      Status s = WriteCluster(gc * cs, nullptr, cs);
       if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
     }
   }

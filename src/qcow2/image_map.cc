@@ -148,7 +148,7 @@ Result<TableCache::Entry*> Qcow2Image::L2ForWrite(uint64_t l1_index) {
     RETURN_IF_ERROR(LoadL2(off));
     data = l2_cache_->Find(off)->data;
   }
-  ASSIGN_OR_RETURN(uint64_t fresh, AllocClusters(1));
+  ASSIGN_OR_RETURN(uint64_t fresh, AllocClusters(1, true));
   RETURN_IF_ERROR(EnsureCacheRoom(l2_cache_.get()));
   TableCache::Entry* e = l2_cache_->Insert(fresh, std::move(data));
   e->dirty = true;

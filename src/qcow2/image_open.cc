@@ -89,6 +89,7 @@ Status Qcow2Image::Init(const OpenDevices& devs, const OpenOptions& opts, const 
   RETURN_IF_ERROR(host_->Read(0, cluster0_.data(), cluster0_.size()));
   ASSIGN_OR_RETURN(header_, ParseHeader(cluster0_.data(), cluster0_.size(), file_size, name_));
   cluster0_.resize(cs, 0);
+  disk_header_ = header_;
   if ((header_.incompatible & kIncompatCorrupt) && !read_only_)
     return Status::Invalid(name_ + ": image is marked corrupt; it can only be opened read-only (repair it with 'qemu-img check -r all')");
   geo_ = header_.geometry();
@@ -167,7 +168,20 @@ Status Qcow2Image::Init(const OpenDevices& devs, const OpenOptions& opts, const 
   if (!read_only_) {
     if (header_.incompatible & kIncompatDirty) {
       QCOWFS_LOG(Warn, "%s: image was not closed cleanly; rebuilding refcounts", name_.c_str());
-      RETURN_IF_ERROR(RebuildRefcounts());
+      uint64_t before = host_->Size();
+      Status s = RebuildRefcounts();
+      if (!s.ok()) {
+        // Nothing of the new structure is in use while the header on disk still names
+        // the old refcount table: take it back out of the file.
+        uint8_t raw[8];
+        if (host_->Read(48, raw, 8).ok() && LoadBE64(raw) < before && host_->Size() > before)
+          (void)host_->Resize(before);
+        if (s.err() == ENOSPC)
+          return Status::NoSpace(name_ + ": not enough free space on the host to rebuild the refcounts of this "
+                                         "image (lazy refcounts, not closed cleanly); free some space, or repair it "
+                                         "with 'qemu-img check -r all'");
+        return s;
+      }
     }
     RETURN_IF_ERROR(ClearUnknownAutoclear());
   }
@@ -444,7 +458,7 @@ Status Qcow2Image::Close() {
   if (closed_.exchange(true)) return Status::Ok();
   if (read_only_) return Status::Ok();
   WriterLock lock(&meta_mu_);
-  if (corrupt_) return data_->Flush();
+  if (corrupt_) return FlushLocked();  // fails if metadata could not be written
   RETURN_IF_ERROR(FlushLocked());
   // Frees applied by the flush left refblocks dirty: write them too.
   RETURN_IF_ERROR(FlushLocked());
