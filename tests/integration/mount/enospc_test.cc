@@ -45,8 +45,9 @@ std::vector<uint8_t> Block(uint64_t off, uint64_t len, uint8_t salt) {
   return b;
 }
 
-// Fills the filesystem holding dir with a file until a write fails with ENOSPC.
-void FillUp(const std::string& path) {
+// Fills the filesystem with a file until a write fails with ENOSPC, then leaves `spare`
+// bytes free again.
+void FillUp(const std::string& path, uint64_t spare) {
   Fd fd(path, O_RDWR | O_CREAT | O_TRUNC, 0644);
   REQUIRE(fd.valid());
   std::vector<uint8_t> b(64 * KiB, 1);
@@ -57,6 +58,8 @@ void FillUp(const std::string& path) {
     off += static_cast<uint64_t>(n);
   }
   REQUIRE(errno == ENOSPC);
+  REQUIRE(off > spare);
+  REQUIRE(::ftruncate(fd.get(), static_cast<off_t>(off - spare)) == 0);
 }
 
 }  // namespace
@@ -66,7 +69,9 @@ TEST_CASE("mount enospc: a full host fails writes with ENOSPC; punch, fsync and 
   Scratch s;
   SmallHost host(s, "24m");
   std::string img = host.File("img.qcow2"), mp = s.FileMountpoint();
-  QemuImgCreate(img, "64M");
+  // 4K clusters: the host fills up while new L2 tables (every 2 MiB of guest) and new
+  // refcount blocks (every 8 MiB of host) are still being linked.
+  QemuImgCreate(img, "64M", "cluster_size=4k");
   const uint64_t kChunk = 1 * MiB;
   uint64_t acked_end = 0, failed_at = 0;
   {
@@ -146,7 +151,9 @@ TEST_CASE("mount enospc: a dirty lazy-refcounts image on a full host is refused 
     g.SignalAndWait(SIGKILL);  // no clean close: the dirty bit stays
   }
   REQUIRE((IncompatibleFeatures(img) & 1) == 1);
-  FillUp(host.File("filler"));
+  // Room for one cluster: the rebuild (a refcount block and a refcount table) writes its
+  // first cluster and fails on the second.
+  FillUp(host.File("filler"), 64 * KiB);
   std::string sum = Sha256File(img);
   {
     std::vector<std::string> argv = {Bin(), "mount", img, mp};
