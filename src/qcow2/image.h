@@ -10,18 +10,14 @@
 // (busy_), so overlapping allocating writes wait and never allocate twice.
 // Lock order: meta_mu_ -> InFlightTable::mu_ (leaf).
 //
-// On-disk write ordering (crash safety; leaks allowed, never corruption):
-//  1. Guest data is written (and fdatasync'ed) before any L2 entry pointing to it.
-//  2. A refcount increment is on disk before any L1/L2/reftable entry that uses the
-//     cluster (refblocks are written, then fdatasync, before L2 tables).
-//  3. A new table (L2, refblock, L1, reftable) has its refcount and contents on
-//     disk before the pointer to it (L1 entry, reftable entry, header) is written.
-//  4. A reference is dropped on disk (L2/L1/header written + fdatasync) before the
-//     refcount decrement is applied in memory: until then the cluster sits in
-//     pending_free_ and cannot be allocated, or punched.
-// Flush: fdatasync(data); refblocks; fdatasync; L2 tables; fdatasync; L1 and
-// reftable; fdatasync; header; fdatasync; then apply pending frees. Evicting a
-// dirty L2 table runs that whole flush first; a refblock may be written any time.
+// On-disk write ordering (crash safety; leaks allowed, never corruption): see
+// ARCHITECTURE.md. In short, FlushLocked makes each step durable before the next:
+// data; refcount blocks; refcount-table entries of new blocks (after a relocation the
+// new table, then a header naming it); L2 tables; L1; header; then pending frees are
+// applied (a dropped reference is durable before its cluster can be reused). Tables
+// are marked clean only after their sync; a failed host sync is sticky. Metadata
+// clusters reserve host space before anything changes, so a full host never leaves a
+// table that cannot be written.
 #pragma once
 
 #include <atomic>

@@ -64,17 +64,27 @@ void WriteOk(Qcow2Image* img, uint64_t off, uint64_t len, uint8_t val) {
   REQUIRE_MESSAGE(s.ok(), "write " << off << "+" << len << ": " << s.message());
 }
 
-// A host device whose next `fail` flushes fail with EIO; everything else passes through.
+// A host device whose next `fail` flushes fail with EIO, and whose writes fail with
+// ENOSPC while `full`; everything else passes through.
 class FlakyFlushDevice final : public block::ForwardingDevice {
  public:
   using ForwardingDevice::ForwardingDevice;
   std::atomic<int> fail{0};
+  std::atomic<bool> full{false};
   Status Flush() override {
     if (fail.load() > 0) {
       fail--;
       return Status::IoError("injected fdatasync failure");
     }
     return lower()->Flush();
+  }
+  Status Write(uint64_t offset, const void* buf, size_t len) override {
+    if (full) return Status::NoSpace("injected: host full");
+    return lower()->Write(offset, buf, len);
+  }
+  Status Allocate(uint64_t offset, uint64_t len) override {
+    if (full) return Status::NoSpace("injected: host full");
+    return lower()->Allocate(offset, len);
   }
 };
 
@@ -106,6 +116,45 @@ TEST_CASE("safety: a failed host flush fails every later flush until the image i
   QemuIoOk("qcow2", img, {"read -P 0x11 0 64k"});
   auto r = testing::OpenImageOk(img);
   CHECK(r->Flush().ok());  // reopened: flushes work again
+}
+
+TEST_CASE("safety: reads never fail because a flush cannot write (full host, small cache)") {
+  RequireQemu();
+  TempDir dir;
+  std::string img = dir.File("r.qcow2");
+  // 4K clusters: one L2 table per 2 MiB of guest, 32 of them.
+  Must({"qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", img, "64M"});
+  std::vector<std::string> cmds;
+  for (int i = 0; i < 32; i++) cmds.push_back("write -P " + std::to_string(i + 1) + " " + std::to_string(i * 2) + "M 4k");
+  QemuIoOk("qcow2", img, cmds);
+  auto file = OpenFile(img);
+  FlakyFlushDevice flaky(file.get());
+  OpenOptions o;
+  o.cache_size = 16 * KiB;  // a handful of tables in each cache
+  auto r = Qcow2Image::OpenOn(OpenDevices{&flaky, nullptr, nullptr, img}, o);
+  REQUIRE(r.ok());
+  auto q = std::move(r).value();
+  // Dirty L2 tables in the cache (allocating writes), then the host fills up.
+  for (int i = 0; i < 4; i++) WriteOk(q.get(), i * 2 * MiB + 64 * KiB, 4 * KiB, 0x70);
+  flaky.full = true;
+  std::vector<uint8_t> b(4 * KiB, 0x71);
+  Status w = q->Write(40 * MiB + 64 * KiB, b.data(), b.size());  // needs space: fails
+  CHECK(w.err() == ENOSPC);
+  for (int pass = 0; pass < 2; pass++)
+    for (int i = 0; i < 32; i++) {
+      std::vector<uint8_t> got(4 * KiB);
+      Status s = q->Read(i * 2 * MiB, got.data(), got.size());
+      REQUIRE_MESSAGE(s.ok(), "read of table " << i << ": " << s.message());
+      CHECK(AllBytes(got, static_cast<uint8_t>(i + 1)));
+    }
+  CHECK_FALSE(q->Flush().ok());  // the tables cannot be written yet
+  flaky.full = false;            // space again: everything acknowledged gets written
+  REQUIRE(q->Flush().ok());
+  REQUIRE(q->Close().ok());
+  q.reset();
+  file.reset();
+  QemuCheck(img);
+  QemuIoOk("qcow2", img, {"read -P 0x70 64k 4k", "read -P 0x70 2112k 4k", "read -P 0x70 6208k 4k", "read -P 21 40M 4k", "read -P 0 41024k 4k"});
 }
 
 TEST_CASE("safety: once the image is corrupt, a flush that would drop metadata fails with EIO") {
