@@ -12,8 +12,8 @@
 
 #include "config/config.h"
 #include "config/control_protocol.h"
-#include "fuse/control_server.h"
-#include "fuse/daemon.h"
+#include "daemon/control_server.h"
+#include "daemon/daemon.h"
 #include "qcow2/create.h"
 #include "qcow2/image.h"
 #include "util/size.h"
@@ -323,7 +323,7 @@ int CmdMount(const std::vector<std::string>& args) {
   if (vm.count("socket")) cfg.socket = vm["socket"].as<std::string>();
   if (vm.count("foreground")) cfg.foreground = true;
   if (vm.count("debug")) cfg.debug = cfg.foreground = true;
-  return fuse::RunMount(cfg);
+  return daemon::RunMount(cfg);
 }
 
 // Finds the control socket for MOUNTPOINT or --socket.
@@ -349,7 +349,7 @@ int CmdStatus(const std::vector<std::string>& args) {
     std::cout << desc << "\n";
     return 0;
   }
-  auto r = fuse::ControlCall(SocketFor(vm), "status");
+  auto r = daemon::ControlCall(SocketFor(vm), "status");
   if (!r.ok()) {
     std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
     return 1;

@@ -4,10 +4,10 @@
 
 #include "config/config.h"
 
-namespace qcowfs::fuse {
+namespace qcowfs::daemon {
 
 // Returns the process exit code (0 clean stop, 1 runtime error). Prints one
 // line on stderr for each error that stops the mount.
 int RunMount(const config::MountConfig& cfg);
 
-}  // namespace qcowfs::fuse
+}  // namespace qcowfs::daemon

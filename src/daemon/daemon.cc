@@ -1,4 +1,4 @@
-#include "fuse/daemon.h"
+#include "daemon/daemon.h"
 
 #include <fcntl.h>
 #include <limits.h>
@@ -10,13 +10,13 @@
 #include <vector>
 
 #include "config/control_protocol.h"
-#include "fuse/control_server.h"
+#include "daemon/control_server.h"
 #include "fuse/fuse_server.h"
 #include "qcow2/image.h"
 #include "util/fd.h"
 #include "util/log.h"
 
-namespace qcowfs::fuse {
+namespace qcowfs::daemon {
 namespace {
 
 std::string Absolute(const std::string& p) {
@@ -34,7 +34,7 @@ int RunMount(const config::MountConfig& cfg) {
     return 1;
   }
   std::vector<std::unique_ptr<qcow2::Qcow2Image>> images;
-  std::vector<std::unique_ptr<Export>> exports;
+  std::vector<std::unique_ptr<fuse::Export>> exports;
   std::vector<UniqueFd> fds;
   for (const auto& ic : cfg.images) {
     qcow2::OpenOptions o;
@@ -46,7 +46,7 @@ int RunMount(const config::MountConfig& cfg) {
       std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
       return 1;
     }
-    auto e = std::make_unique<Export>();
+    auto e = std::make_unique<fuse::Export>();
     e->name = ic.name;
     e->image_path = Absolute(ic.path);
     e->image_fd = ::open(ic.path.c_str(), O_PATH | O_CLOEXEC);
@@ -57,17 +57,17 @@ int RunMount(const config::MountConfig& cfg) {
     images.push_back(std::move(r).value());
     exports.push_back(std::move(e));
   }
-  std::vector<Export*> raw;
+  std::vector<fuse::Export*> raw;
   for (auto& e : exports) raw.push_back(e.get());
 
-  ServerOptions so;
+  fuse::ServerOptions so;
   so.mountpoint = mountpoint;
   so.threads = cfg.threads;
   so.poll_us = cfg.poll_us;
   so.allow_other = cfg.allow_other;
   so.foreground = cfg.foreground;
   so.debug = cfg.debug;
-  FuseServer server(so, raw);
+  fuse::FuseServer server(so, raw);
 
   ControlServer control(cfg.socket.empty() ? config::DefaultSocketPath(mountpoint) : Absolute(cfg.socket));
   if (Status s = control.Bind(); !s.ok()) {
@@ -81,7 +81,7 @@ int RunMount(const config::MountConfig& cfg) {
     r.threads = server.threads();
     for (size_t i = 0; i < exports.size(); i++) {
       config::ImageReport ir;
-      Export* e = exports[i].get();
+      fuse::Export* e = exports[i].get();
       qcow2::Qcow2Image* img = images[i].get();
       auto st = img->Stats();
       ir.name = e->name;
@@ -128,4 +128,4 @@ int RunMount(const config::MountConfig& cfg) {
   return rc;
 }
 
-}  // namespace qcowfs::fuse
+}  // namespace qcowfs::daemon

@@ -1,4 +1,4 @@
-#include "fuse/control_server.h"
+#include "daemon/control_server.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -13,7 +13,7 @@
 #include "config/control_protocol.h"
 #include "util/log.h"
 
-namespace qcowfs::fuse {
+namespace qcowfs::daemon {
 namespace {
 
 constexpr size_t kMaxLine = 1 << 20;
@@ -169,4 +169,4 @@ Result<std::string> ControlCall(const std::string& socket_path, const std::strin
   return config::ParseReply(buf.substr(0, buf.find('\n')));
 }
 
-}  // namespace qcowfs::fuse
+}  // namespace qcowfs::daemon

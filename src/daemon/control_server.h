@@ -11,7 +11,7 @@
 #include "util/fd.h"
 #include "util/status.h"
 
-namespace qcowfs::fuse {
+namespace qcowfs::daemon {
 
 class ControlServer {
  public:
@@ -45,4 +45,4 @@ class ControlServer {
 Result<std::string> ControlCall(const std::string& socket_path, const std::string& cmd,
                                const std::string& args_json = "{}");
 
-}  // namespace qcowfs::fuse
+}  // namespace qcowfs::daemon
