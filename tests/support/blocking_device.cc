@@ -44,12 +44,12 @@ void BlockingDevice::MaybeBlock(bool is_write, uint64_t offset, uint64_t len) {
 
 Status BlockingDevice::Read(uint64_t offset, void* buf, size_t len) {
   MaybeBlock(false, offset, len);
-  return lower_->Read(offset, buf, len);
+  return lower()->Read(offset, buf, len);
 }
 
 Status BlockingDevice::Write(uint64_t offset, const void* buf, size_t len) {
   MaybeBlock(true, offset, len);
-  return lower_->Write(offset, buf, len);
+  return lower()->Write(offset, buf, len);
 }
 
 }  // namespace qcowfs::testing

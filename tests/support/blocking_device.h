@@ -8,13 +8,13 @@
 #include <cstdint>
 #include <mutex>
 
-#include "block/block_device.h"
+#include "block/forwarding_device.h"
 
 namespace qcowfs::testing {
 
-class BlockingDevice final : public block::BlockDevice {
+class BlockingDevice final : public block::ForwardingDevice {
  public:
-  explicit BlockingDevice(block::BlockDevice* lower) : lower_(lower) {}
+  explicit BlockingDevice(block::BlockDevice* lower) : ForwardingDevice(lower) {}
   ~BlockingDevice() override { Release(); }
 
   // Arms the trap for one request: the next matching call blocks, later ones do not.
@@ -27,24 +27,11 @@ class BlockingDevice final : public block::BlockDevice {
 
   Status Read(uint64_t offset, void* buf, size_t len) override;
   Status Write(uint64_t offset, const void* buf, size_t len) override;
-  Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override {
-    return lower_->WriteZeroes(offset, len, may_unmap);
-  }
-  Status Discard(uint64_t offset, uint64_t len) override { return lower_->Discard(offset, len); }
-  Status Flush() override { return lower_->Flush(); }
-  Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override {
-    return lower_->GetBlockStatus(offset, len);
-  }
-  uint64_t Size() const override { return lower_->Size(); }
-  Status Resize(uint64_t new_size) override { return lower_->Resize(new_size); }
-  bool read_only() const override { return lower_->read_only(); }
-  uint64_t AllocatedBytes() const override { return lower_->AllocatedBytes(); }
 
  private:
   // Blocks the caller if the armed trap matches this request.
   void MaybeBlock(bool is_write, uint64_t offset, uint64_t len);
 
-  block::BlockDevice* const lower_;
   // std primitives (not util/mutex.h) for the timed wait; a leaf lock never held across
   // a call into lower_.
   mutable std::mutex mu_;
