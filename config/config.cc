@@ -129,8 +129,11 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
     } else if (k == "mirrors") {
       if (!v.is_array()) return KeyError(file, k, "must be an array of mirror jobs");
       for (size_t i = 0; i < v.size(); i++) {
-        if (!v[i].is_object()) return KeyError(file, k + "[" + std::to_string(i) + "]", "must be an object");
-        cfg.mirrors.push_back(v[i].dump(-1, ' ', false, json::error_handler_t::replace));
+        std::string where = k + "[" + std::to_string(i) + "]";
+        if (!v[i].is_object()) return KeyError(file, where, "must be an object");
+        ASSIGN_OR_RETURN(MirrorJobConfig job,
+                         ParseMirrorJob(v[i].dump(-1, ' ', false, json::error_handler_t::replace), file, where));
+        cfg.mirrors.push_back(job);
       }
     } else if (k == "images") {
       if (!v.is_array() || v.empty()) return KeyError(file, k, "must be a non-empty array of images");

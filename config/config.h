@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "config/mirror_job.h"
 #include "util/status.h"
 
 namespace qcowfs::config {
@@ -31,7 +32,7 @@ struct MountConfig {
   std::string socket;    // empty: the default path for the mountpoint
   bool foreground = false;
   bool debug = false;
-  std::vector<std::string> mirrors;  // raw JSON of each job (validated by mirror/)
+  std::vector<MirrorJobConfig> mirrors;  // jobs started at mount
 };
 
 // Parses a config file's text. `file` names it in messages.

@@ -33,6 +33,9 @@ int RunMount(const config::MountConfig& cfg) {
     std::fprintf(stderr, "qcowfs: %s: mountpoint does not exist\n", cfg.mountpoint.c_str());
     return 1;
   }
+  if (!cfg.mirrors.empty())
+    QCOWFS_LOG(Warn, "%zu mirror job(s) in the config not started: the mirror job is not implemented yet",
+               cfg.mirrors.size());
   std::vector<std::unique_ptr<qcow2::Qcow2Image>> images;
   std::vector<std::unique_ptr<fuse::Export>> exports;
   std::vector<UniqueFd> fds;

@@ -6,6 +6,7 @@
 
 #include "config/config.h"
 #include "config/control_protocol.h"
+#include "config/mirror_job.h"
 #include "util/size.h"
 
 namespace qcowfs::fuzz {
@@ -34,8 +35,12 @@ void MountConfig(const std::string& text) {
       if (im.path.empty() || im.name.empty()) Fail("ParseMountConfig accepted an image without path or name");
       (void)config::DefaultExportName(im.path);
     }
-    // cfg.mirrors holds each mirror job's raw JSON; mirror/ has no job parser yet. When it
-    // does, feed every entry to it here (the job JSON is part of this target's surface).
+    // Every accepted job reads back the same from its canonical JSON.
+    for (const auto& job : cfg.mirrors) {
+      auto again = config::ParseMirrorJob(config::MirrorJobToJson(job));
+      if (!again.ok()) Fail("ParseMirrorJob rejects its own canonical JSON: " + again.status().message());
+      if (!(again.value() == job)) Fail("ParseMirrorJob(MirrorJobToJson(job)) differs from job");
+    }
   } else {
     config::ImageConfig im;
     im.name = "disk.raw";
@@ -54,6 +59,12 @@ void Control(const std::string& line) {
     auto r2 = config::ParseControlRequest(again);
     if (!r2.ok()) Fail("a formatted request does not parse: " + r2.status().message());
     if (r2->cmd != r->cmd || r2->args_json != r->args_json) Fail("a request does not round-trip");
+    // Any request's args as a mirror job (mirror-start's): accepted jobs round-trip.
+    auto job = config::ParseMirrorJob(r->args_json);
+    if (job.ok()) {
+      auto j2 = config::ParseMirrorJob(config::MirrorJobToJson(job.value()));
+      if (!j2.ok() || !(j2.value() == job.value())) Fail("a mirror-start job does not round-trip");
+    }
   }
   auto reply = config::ParseReply(line);
   if (reply.ok()) {
