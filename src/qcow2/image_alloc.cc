@@ -107,6 +107,7 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
   // that spot's own block is missing too, the loop places it as well. Blocks placed
   // outside their range are counted once every block exists.
   std::vector<uint64_t> count_later;
+  std::vector<uint64_t> placed;  // blocks placed by this call
   uint64_t next_outside = start + n;
   uint64_t last_block = (start + n - 1) / per;
   for (uint64_t b = start / per; b <= last_block; b++) {
@@ -128,7 +129,19 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n) {
       pick = next_outside++;
       last_block = std::max(last_block, pick / per);
     }
-    if (b >= reftable_.size()) reftable_.resize(std::max<uint64_t>(b + 1, reftable_.size() * 2), 0);
+    if (b >= kMaxRefcountTableBytes / 8) {
+      // QEMU opens no image with a larger refcount table (QCOW_MAX_REFTABLE_SIZE). Undo
+      // the blocks placed by this call: they count only themselves, or nothing yet.
+      for (uint64_t x : placed) {
+        rb_cache_->Erase(reftable_[x]);
+        RemoveMeta(reftable_[x]);
+        reftable_[x] = 0;
+      }
+      return Status::NoSpace(name_ + ": no room for more host clusters: the refcount table would grow past 8 MiB");
+    }
+    if (b >= reftable_.size())
+      reftable_.resize(std::min(kMaxRefcountTableBytes / 8, std::max<uint64_t>(b + 1, reftable_.size() * 2)), 0);
+    placed.push_back(b);
     RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
     TableCache::Entry* e = rb_cache_->Insert(pick * cs, std::vector<uint8_t>(cs, 0));
     e->dirty = true;
