@@ -256,11 +256,28 @@ ssize_t Read(int fd, void* buf, size_t len, void*) {
 
 }  // namespace
 
+// libfuse's worker loop ends the session on a read error other than EINTR (ENOENT it
+// retries itself), EAGAIN included. A worker can meet EAGAIN in its blocking read:
+// when libfuse cannot clone the device fd (FUSE_DEV_IOC_CLONE), every worker reads the
+// same open file description, and a polling worker may just have made it non-blocking
+// (SetNonblocking remembers only its own thread's last setting). Wait for a request
+// then. ENOENT (an interrupted request) is retried here as well.
+ssize_t ReadRequest(int fd, void* buf, size_t len, void* userdata) {
+  for (;;) {
+    ssize_t n = Read(fd, buf, len, userdata);
+    if (n >= 0 || errno == EINTR) return n;
+    if (errno == ENOENT) continue;
+    if (errno != EAGAIN) return n;
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, -1) < 0 && errno == EINTR) return -1;
+  }
+}
+
 bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
   static std::once_flag once;
   std::call_once(once, [] { sem_init(&g_poller.park, 0, 0); });
   g_poller.poll_ns = static_cast<int64_t>(poll_us) * 1000;
-  static const fuse_custom_io io = {Writev, Read, nullptr, nullptr};
+  static const fuse_custom_io io = {Writev, ReadRequest, nullptr, nullptr};
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
 }
 

@@ -27,6 +27,8 @@
 // One session per process uses the hook (the state is process-wide).
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 
 struct fuse_session;
@@ -38,5 +40,10 @@ bool InstallKernelIo(fuse_session* se, uint32_t poll_us);
 
 // Wakes every parked worker (the session is ending).
 void ReleaseParkedWorkers();
+
+// The device read hook libfuse calls in each worker (exposed for tests): one request
+// into buf, or -1 with errno. Never fails with EAGAIN (libfuse's worker loop retries only
+// EINTR and takes any other error for the end of the session) or ENOENT.
+ssize_t ReadRequest(int fd, void* buf, size_t len, void* userdata);
 
 }  // namespace qcowfs::fuse

@@ -49,6 +49,18 @@ bool LockByte(int fd, off_t byte) {
   return fcntl(fd, F_OFD_SETLK, &fl) == 0;
 }
 
+// Drops every lock this open file description holds on the lock bytes.
+void UnlockBytes(int fd) {
+  for (off_t base : {kPermBase, kSharedBase}) {
+    struct flock fl {};
+    fl.l_type = F_UNLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = base;
+    fl.l_len = 8;
+    (void)fcntl(fd, F_OFD_SETLK, &fl);
+  }
+}
+
 }  // namespace
 
 Result<std::unique_ptr<RawFileDevice>> RawFileDevice::Open(const std::string& path,
@@ -70,25 +82,31 @@ Status RawFileDevice::AcquireLocks(LockMode mode) {
   std::vector<int> unshared = {kPermWrite, kPermResize};
   if (mode == LockMode::kExclusive) perms = {kPermConsistentRead, kPermWrite, kPermResize};
   int fd = fd_.get();
+  // Take our bytes first, then look at the other side's, as QEMU does
+  // (raw_apply_lock_bytes, then raw_check_lock_bytes). An OFD F_GETLK does not report
+  // our own locks, and two openers racing both hold their bytes before either looks,
+  // so at least one of them sees the other. Testing first would let both pass.
+  auto refuse = [&](std::string msg) {
+    UnlockBytes(fd);
+    return Status::Error(EAGAIN, std::move(msg));
+  };
+  for (int p : perms) {
+    if (!LockByte(fd, kPermBase + p)) return refuse(path_ + ": failed to lock image byte");
+  }
+  for (int p : unshared) {
+    if (!LockByte(fd, kSharedBase + p)) return refuse(path_ + ": failed to lock image byte");
+  }
   for (int p : perms) {
     if (ByteLockedByOther(fd, kSharedBase + p)) {
-      return Status::Error(EAGAIN, path_ + ": failed to get \"" + PermName(p) +
-                                       "\" lock: is another process using the image?");
+      return refuse(path_ + ": failed to get \"" + PermName(p) +
+                    "\" lock: is another process using the image?");
     }
   }
   for (int p : unshared) {
     if (ByteLockedByOther(fd, kPermBase + p)) {
-      return Status::Error(EAGAIN, path_ + ": failed to get shared \"" + PermName(p) +
-                                       "\" lock: is another process using the image?");
+      return refuse(path_ + ": failed to get shared \"" + PermName(p) +
+                    "\" lock: is another process using the image?");
     }
-  }
-  for (int p : perms) {
-    if (!LockByte(fd, kPermBase + p))
-      return Status::Error(EAGAIN, path_ + ": failed to lock image byte");
-  }
-  for (int p : unshared) {
-    if (!LockByte(fd, kSharedBase + p))
-      return Status::Error(EAGAIN, path_ + ": failed to lock image byte");
   }
   return Status::Ok();
 }

@@ -17,6 +17,11 @@ struct Qcow2Image::ClusterInfo {
   uint64_t bitmap = 0;  // extended L2 bitmap, or synthesized (bit 0 data, bit 32 zero)
   uint64_t host = 0;    // kNormal: host cluster offset
   bool copied = false;  // refcount is exactly 1: may be written in place
+  // Extended L2, as QEMU's QCOW2_SUBCLUSTER_INVALID: a subcluster both allocated and
+  // zero, or an allocation bit on an unallocated cluster. Every read and data write of
+  // the cluster fails with EIO; whole-cluster zeroing and discard replace the entry, and
+  // zeroing whole subclusters sets their bits, as in QEMU.
+  bool bad_bitmap = false;
   uint32_t nsub = 1;
 
   SubState Sub(uint32_t s) const {

@@ -77,7 +77,8 @@ struct Extent {
   enum Kind { kData, kZero, kBacking, kCompressed, kInvalid } kind;
   uint64_t guest;
   uint64_t len;
-  uint64_t host;       // kData: host offset; kCompressed: L2 entry descriptor
+  uint64_t host;       // kData: host offset; kCompressed: L2 entry descriptor;
+                       // kInvalid: 1 for a bad subcluster bitmap
 };
 
 class Qcow2Image final : public block::BlockDevice {
@@ -140,7 +141,9 @@ class Qcow2Image final : public block::BlockDevice {
   Status LoadL2(uint64_t l2_offset) REQUIRES(meta_mu_);
   // Decodes guest cluster gc's entry in its L2 table.
   ClusterInfo Decode(const uint8_t* l2, uint64_t gc) const;
-  Status InvalidEntry(uint64_t gc) const;
+  // Corruption (EIO) for an invalid L2 entry: a bad subcluster bitmap, or an entry an
+  // external data file does not allow.
+  Status InvalidEntry(uint64_t gc, bool bad_bitmap = false) const;
   void Encode(uint8_t* l2, uint64_t index, uint64_t entry, uint64_t bitmap) const;
   // Maps [off, off+len) within cached tables; returns bytes mapped (0: load needed).
   uint64_t MapCached(uint64_t off, uint64_t len, std::vector<Extent>* out) REQUIRES_SHARED(meta_mu_);

@@ -154,12 +154,18 @@ Result<uint64_t> Qcow2Image::AllocClusters(uint64_t n, bool reserve) {
       pick = next_outside++;
       last_block = std::max(last_block, pick / per);
     }
+    if (b >= kMaxRefcountTableBytes / 8) {
+      // QEMU opens no image with a larger refcount table (QCOW_MAX_REFTABLE_SIZE); nothing
+      // has changed yet.
+      return Status::NoSpace(name_ + ": no room for more host clusters: the refcount table would grow past 8 MiB");
+    }
     blocks.push_back(NewBlock{b, pick, self});
   }
   if (reserve) RETURN_IF_ERROR(ReserveHost(start * cs, n * cs));
   for (const NewBlock& nb : blocks) RETURN_IF_ERROR(ReserveHost(nb.cluster * cs, cs));
   for (const NewBlock& nb : blocks) {
-    if (nb.index >= reftable_.size()) reftable_.resize(std::max<uint64_t>(nb.index + 1, reftable_.size() * 2), 0);
+    if (nb.index >= reftable_.size())
+      reftable_.resize(std::min(kMaxRefcountTableBytes / 8, std::max<uint64_t>(nb.index + 1, reftable_.size() * 2)), 0);
     RETURN_IF_ERROR(EnsureCacheRoom(rb_cache_.get()));
     TableCache::Entry* e = rb_cache_->Insert(nb.cluster * cs, std::vector<uint8_t>(cs, 0));
     e->dirty = true;

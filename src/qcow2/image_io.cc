@@ -81,7 +81,7 @@ Status Qcow2Image::ReadExtents(const std::vector<Extent>& ext, uint8_t* buf, uin
     switch (e.kind) {
       case Extent::kData: RETURN_IF_ERROR(data_->Read(e.host, dst, e.len)); break;
       case Extent::kZero: std::memset(dst, 0, e.len); break;
-      case Extent::kInvalid: return InvalidEntry(e.guest / geo_.cluster_size);
+      case Extent::kInvalid: return InvalidEntry(e.guest / geo_.cluster_size, e.host != 0);
       case Extent::kBacking: RETURN_IF_ERROR(ReadBacking(e.guest, dst, e.len)); break;
       case Extent::kCompressed: {
         tmp.resize(geo_.cluster_size);
@@ -172,7 +172,7 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
 }
 
 bool Qcow2Image::WritableInPlace(const ClusterInfo& ci, uint64_t in, uint64_t len, uint64_t sub) {
-  if (ci.type != ClusterInfo::kNormal || !ci.copied) return false;
+  if (ci.type != ClusterInfo::kNormal || !ci.copied || ci.bad_bitmap) return false;
   if (ci.nsub == 1) return ci.Sub(0) == SubState::kData;
   for (uint64_t s = in / sub; s <= (in + len - 1) / sub; s++)
     if (ci.Sub(static_cast<uint32_t>(s)) != SubState::kData) return false;
@@ -287,7 +287,7 @@ Status Qcow2Image::WriteCluster(uint64_t off, const uint8_t* buf, uint64_t len) 
     if (!t.ok()) return UnlockAndFail(gc, t.status());
     old = Decode(t.value()->data.data(), gc);
   }
-  if (old.type == ClusterInfo::kInvalid) return UnlockAndFail(gc, InvalidEntry(gc));
+  if (old.type == ClusterInfo::kInvalid || old.bad_bitmap) return UnlockAndFail(gc, InvalidEntry(gc, old.bad_bitmap));
   if (!buf && old.type != ClusterInfo::kUnallocated) return UnlockAndFail(gc, Status::Ok());
   if (buf && in_place(old)) {  // became allocated while we waited
     host = old.host + in;
@@ -455,6 +455,9 @@ Status Qcow2Image::ZeroCluster(uint64_t cluster_off, uint64_t in, uint64_t len, 
           if (has_data_file_ && ci.type == ClusterInfo::kNormal) (void)data_->Discard(gc * cs, cs);
         }
       } else {
+        // Discarding what holds nothing and hides nothing is a no-op (as in QEMU, which
+        // leaves an invalid bitmap there too).
+        if (discard && !backing_ && ci.type == ClusterInfo::kUnallocated) return Status::Ok();
         bool keep = !may_unmap && ci.type == ClusterInfo::kNormal && ci.copied;
         if (keep) {  // preallocated zero cluster: allocation stays, reads zeros
           Encode(t->data.data(), l2i, ci.host | kOflagCopied, kBitmapAllZero);
@@ -484,7 +487,7 @@ Status Qcow2Image::ZeroCluster(uint64_t cluster_off, uint64_t in, uint64_t len, 
       if (b < in + len) pieces.emplace_back(b, in + len);
     } else {
       // Partial cluster: zero data, unless it already reads zeros.
-      bool reads_zero = ci.type == ClusterInfo::kUnallocated && (!backing_ || ci.bitmap == (1ull << 32));
+      bool reads_zero = ci.type == ClusterInfo::kUnallocated && !ci.bad_bitmap && (!backing_ || ci.bitmap == (1ull << 32));
       if (!reads_zero) pieces.emplace_back(in, in + len);
     }
   }
@@ -552,7 +555,7 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
       GuestClusterLock busy(this, gc);
       ASSIGN_OR_RETURN(TableCache::Entry * t, L2ForWrite(l1i));
       ClusterInfo ci = Decode(t->data.data(), gc);
-      if (ci.type == ClusterInfo::kInvalid) return InvalidEntry(gc);
+      if (ci.type == ClusterInfo::kInvalid || ci.bad_bitmap) return InvalidEntry(gc, ci.bad_bitmap);
       if (ci.type != ClusterInfo::kUnallocated) continue;
       bool reads_zero = ci.bitmap == (1ull << 32) || (geo_.extended_l2 && (ci.bitmap >> 32) == 0xffffffffu) || !backing_;
       if (!reads_zero || version_ < 3) {

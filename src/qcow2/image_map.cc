@@ -24,6 +24,9 @@ Qcow2Image::ClusterInfo Qcow2Image::Decode(const uint8_t* l2, uint64_t gc) const
   if (allocated && has_data_file_ && ci.host != gc * geo_.cluster_size) ci.type = ClusterInfo::kInvalid;
   if (geo_.extended_l2) {
     ci.bitmap = LoadBE64(p + 8);
+    // The bitmap of a compressed cluster is ignored on reads, as QEMU does.
+    const uint64_t alloc = ci.bitmap & kBitmapAllAlloc, zero = ci.bitmap >> 32;
+    ci.bad_bitmap = allocated ? (alloc & zero) != 0 : alloc != 0;
   } else if (ci.entry & kOflagZero && version_ >= 3) {
     ci.bitmap = 1ull << 32;
   } else {
@@ -103,8 +106,8 @@ uint64_t Qcow2Image::MapCached(uint64_t off, uint64_t len, std::vector<Extent>* 
     ClusterInfo ci = Decode(l2, gc);
     uint64_t in = pos - gc * cs;
     uint64_t cend = std::min(cs, in + (len - done));
-    if (ci.type == ClusterInfo::kInvalid) {
-      push(Extent::kInvalid, pos, cend - in, 0);
+    if (ci.type == ClusterInfo::kInvalid || ci.bad_bitmap) {
+      push(Extent::kInvalid, pos, cend - in, ci.bad_bitmap);
       done += cend - in;
       continue;
     }
@@ -128,9 +131,11 @@ uint64_t Qcow2Image::MapCached(uint64_t off, uint64_t len, std::vector<Extent>* 
   return done;
 }
 
-Status Qcow2Image::InvalidEntry(uint64_t gc) const {
+Status Qcow2Image::InvalidEntry(uint64_t gc, bool bad_bitmap) const {
   return Status::Corruption(name_ + ": L2 entry of guest offset " + std::to_string(gc * geo_.cluster_size) +
-                            " is invalid for an image with an external data file");
+                            (bad_bitmap ? " has an invalid subcluster allocation bitmap (a subcluster both "
+                                          "allocated and zero, or allocated in an unallocated cluster)"
+                                        : " is invalid for an image with an external data file"));
 }
 
 Result<TableCache::Entry*> Qcow2Image::L2ForWrite(uint64_t l1_index) {

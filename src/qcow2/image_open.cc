@@ -399,7 +399,8 @@ Status Qcow2Image::CheckRefcounts(uint64_t limit) {
 
 // Recomputes every refcount from the L1/L2 tables (after a crash with lazy
 // refcounts) and writes a fresh refcount structure past the end of the file.
-// The header switches to it in one synced write; the old structure is then free.
+// The header switches to it in one synced write, which also clears the dirty bit and
+// the autoclear bits we do not keep; the old structure is then free.
 Status Qcow2Image::RebuildRefcounts() {
   WriterLock lock(&meta_mu_);
   const uint64_t cs = geo_.cluster_size;
@@ -441,6 +442,11 @@ Status Qcow2Image::RebuildRefcounts() {
   header_.refcount_table_offset = (base + nrb) * cs;
   header_.refcount_table_clusters = static_cast<uint32_t>(nrt);
   header_.incompatible &= ~kIncompatDirty;
+  // The count above knows nothing of structures behind autoclear bits (persistent
+  // bitmaps): their clusters now have refcount 0. The same header write declares them
+  // invalid, so that no crash leaves a header that still uses them (qemu-img check would
+  // report every such cluster); ClearUnknownAutoclear then has nothing left to do.
+  if (header_.version >= 3) header_.autoclear &= kAutoclearKnownMask;
   RETURN_IF_ERROR(WriteHeaderSync());
   dirty_bit_on_disk_ = false;
   reftable_.assign(nrt * cs / 8, 0);
