@@ -118,17 +118,19 @@ Status Qcow2Image::FlushLocked() {
     });
     return st;
   };
-  auto synced = [&]() -> Status {
-    RETURN_IF_ERROR(SyncDevice(host_));
+  // Call after a successful SyncDevice(host_): what was written is durable now.
+  auto mark_clean = [&] {
     for (TableCache::Entry* e : written) e->dirty = false;
     written.clear();
-    return Status::Ok();
   };
   // 2. Refcount blocks. With lazy refcounts the dirty bit stands in for their
   // ordering; their sync comes with the L2 tables'.
   if (any_rb) {
     RETURN_IF_ERROR(write_dirty(rb_cache_.get()));
-    if (!lazy_refcounts_) RETURN_IF_ERROR(synced());
+    if (!lazy_refcounts_) {
+      RETURN_IF_ERROR(SyncDevice(host_));
+      mark_clean();
+    }
   }
   auto write_table = [&](const std::vector<uint64_t>& t, uint64_t base, uint64_t k) -> Status {
     uint64_t per = cs / 8;
@@ -141,7 +143,10 @@ Status Qcow2Image::FlushLocked() {
   // 3. Refcount-table entries of new blocks (each block is durable by now), and after a
   // relocation the header that names the new table: before any L2 entry relies on them.
   if (!reftable_dirty_.empty()) {
-    if (!written.empty()) RETURN_IF_ERROR(synced());  // lazy refcounts: blocks before pointers still
+    if (!written.empty()) {  // lazy refcounts: blocks before pointers still
+      RETURN_IF_ERROR(SyncDevice(host_));
+      mark_clean();
+    }
     for (uint64_t k : reftable_dirty_) RETURN_IF_ERROR(write_table(reftable_, header_.refcount_table_offset, k));
     RETURN_IF_ERROR(SyncDevice(host_));
     reftable_dirty_.clear();
@@ -156,7 +161,8 @@ Status Qcow2Image::FlushLocked() {
   // 4. L2 tables.
   if (any_l2 || !written.empty()) {
     RETURN_IF_ERROR(write_dirty(l2_cache_.get()));
-    RETURN_IF_ERROR(synced());
+    RETURN_IF_ERROR(SyncDevice(host_));
+    mark_clean();
   }
   // 5. L1 clusters.
   if (!l1_dirty_.empty()) {
