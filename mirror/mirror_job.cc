@@ -187,7 +187,8 @@ void MirrorJob::Worker() {
     }
     uint64_t bytes = ChunkBytes(c, n);
     claimed_.Add(c, n);
-    dirty_.Remove(c, n);  // before the source read: a guest write after it re-dirties
+    const bool late = unsafe_clear_after_read_;
+    if (!late) dirty_.Remove(c, n);  // before the source read: a guest write after it re-dirties
     inflight_bytes_ += n * g_;
     if (speed_ > 0) {
       next_copy_ = std::max(next_copy_, std::chrono::steady_clock::now()) +
@@ -196,6 +197,7 @@ void MirrorJob::Worker() {
     mu_.Unlock();
     Status s = CopyChunks(c, n, &buf);
     mu_.Lock();
+    if (late) dirty_.Remove(c, n);
     claimed_.Remove(c, n);
     inflight_bytes_ -= n * g_;
     if (s.ok()) {
@@ -285,7 +287,7 @@ Status MirrorJob::GuestRead(block::BlockDevice* src, uint64_t off, void* buf, si
           uint64_t y = x;
           while (y < rc + rn && !claimed_.Contains(y) && inflight_bytes_ + (y - x + 1) * g_ <= cfg_.buf_size) y++;
           claimed_.Add(x, y - x);
-          dirty_.Remove(x, y - x);  // before the source read
+          if (!unsafe_clear_after_read_) dirty_.Remove(x, y - x);  // before the source read
           inflight_bytes_ += (y - x) * g_;
           mine.emplace_back(x, y - x);
           x = y;
@@ -307,6 +309,7 @@ Status MirrorJob::GuestRead(block::BlockDevice* src, uint64_t off, void* buf, si
   }
   MutexLock l(&mu_);
   for (auto [c, n] : mine) {
+    if (unsafe_clear_after_read_) dirty_.Remove(c, n);
     claimed_.Remove(c, n);
     inflight_bytes_ -= n * g_;
     if (!rs.ok() || !ts.ok()) {

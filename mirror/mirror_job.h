@@ -77,6 +77,10 @@ class MirrorJob {
   // After a pivot the target serves the mount; the daemon closes it at unmount.
   Status CloseTarget();
 
+  // Test hook: clear dirty bits after the source read instead of when the range is
+  // claimed, to show that the race tests catch a stale copy. Never set otherwise.
+  void set_unsafe_clear_after_read(bool on) { unsafe_clear_after_read_ = on; }
+
  private:
   void Coordinate();
   void Worker();
@@ -124,6 +128,7 @@ class MirrorJob {
   uint64_t copied_data_ GUARDED_BY(mu_) = 0;  // for speed_bps
   std::atomic<bool> pivoted_{false};
   bool target_closed_ = false;  // coordinator / CloseTarget only
+  std::atomic<bool> unsafe_clear_after_read_{false};
 
   std::thread coordinator_;
   std::vector<std::thread> workers_;
