@@ -78,6 +78,8 @@ class NbdConnection {
   void DriveOnce(Clock::time_point deadline) REQUIRES(mu_);
   // Marks the connection broken (sticky) and shuts the socket down.
   void Break(Status why) REQUIRES(mu_);
+  // Breaks the connection if libnbd found it dead (uses this thread's libnbd error).
+  void BreakIfDead() REQUIRES(mu_);
   void Kick();
   void WaitUntil(Clock::time_point deadline) REQUIRES(mu_) NO_THREAD_SAFETY_ANALYSIS {
     std::unique_lock<std::mutex> lk(mu_.native(), std::adopt_lock);
@@ -96,7 +98,7 @@ class NbdConnection {
   bool driving_ GUARDED_BY(mu_) = false;
   Status broken_ GUARDED_BY(mu_);       // sticky once set: every call fails with it
   std::string last_error_ GUARDED_BY(mu_);  // libnbd's message when the driving failed
-  bool connected_ GUARDED_BY(mu_) = false;  // the handshake is done (breaks are logged)
+  bool connected_ GUARDED_BY(mu_) = false;  // handshake done, not closing: breaks are logged
 };
 
 Result<std::unique_ptr<NbdConnection>> NbdConnection::Open(const std::string& uri,
@@ -143,6 +145,7 @@ Status NbdConnection::Handshake(Clock::time_point deadline) {
 NbdConnection::~NbdConnection() {
   {
     MutexLock l(&mu_);
+    connected_ = false;  // the server's closing the connection is expected now: no log
     // Politely say goodbye (NBD_CMD_DISC) if the connection is healthy, but never wait for
     // a server that does not answer for longer than one request would.
     if (broken_.ok() && nbd_aio_is_ready(h_) == 1 && nbd_aio_disconnect(h_, 0) == 0) {
@@ -160,7 +163,7 @@ Status NbdConnection::Run(const std::string& what, const Submit& submit) {
   int64_t cookie = submit(h_);
   if (cookie == -1) {
     Status st = NbdError(EIO, uri_ + ": " + what);
-    if (Dead()) Break(Status::Error(ENOTCONN, uri_ + ": connection lost: " + st.message()));
+    BreakIfDead();
     return st;
   }
   if (driving_) Kick();  // the driver polls with a direction from before this command
@@ -171,14 +174,19 @@ Status NbdConnection::Await(int64_t cookie, Clock::time_point deadline, const st
   for (;;) {
     int r = nbd_aio_command_completed(h_, static_cast<uint64_t>(cookie));
     if (r == 1) return Status::Ok();
-    if (r == -1) return NbdError(EIO, uri_ + ": " + what);
+    if (r == -1) {
+      // The command failed: a server error (the connection goes on), or the connection
+      // died (libnbd fails every command in flight; it may die while sending, unseen).
+      Status st = NbdError(EIO, uri_ + ": " + what);
+      BreakIfDead();
+      return st;
+    }
     // Still in flight. After a break nobody drives, so it never completes.
     if (!broken_.ok()) return broken_;
     if (Clock::now() >= deadline) {
-      std::string msg = uri_ + ": " + what + ": no reply within " +
-                        std::to_string(timeout_.count()) + " ms";
-      Break(Status::Error(ETIMEDOUT, msg + "; the connection was closed"));
-      return Status::Error(ETIMEDOUT, msg + "; closing the connection");
+      std::string late = what + " got no reply within " + std::to_string(timeout_.count()) + " ms";
+      Break(Status::Error(ETIMEDOUT, uri_ + ": the connection was closed: " + late));
+      return Status::Error(ETIMEDOUT, uri_ + ": " + late + "; closing the connection");
     }
     if (!driving_) {
       DriveOnce(deadline);
@@ -216,7 +224,9 @@ void NbdConnection::DriveOnce(Clock::time_point deadline) {
   driving_ = false;
 
   short rev = n > 0 ? fds[0].revents : 0;
-  if (rev != 0 && broken_.ok()) {
+  if ((rev & POLLNVAL) && broken_.ok()) {
+    Break(Status::Error(ENOTCONN, uri_ + ": connection lost: its socket was closed"));
+  } else if (rev != 0 && broken_.ok()) {
     // Ask for the direction again: a submitter may have moved the state machine on while
     // mu_ was released, and libnbd refuses a notification its state does not expect.
     unsigned now_dir = nbd_aio_get_direction(h_);
@@ -245,6 +255,13 @@ void NbdConnection::Break(Status why) {
   if (fd >= 0) shutdown(fd, SHUT_RDWR);
   Kick();
   cv_.notify_all();
+}
+
+void NbdConnection::BreakIfDead() {
+  if (!broken_.ok() || !Dead()) return;
+  const char* msg = nbd_get_error();
+  last_error_ = msg && *msg ? msg : "the server closed the connection";
+  Break(Status::Error(ENOTCONN, uri_ + ": connection lost: " + last_error_));
 }
 
 void NbdConnection::Abort() {

@@ -73,8 +73,8 @@ class NbdDevice final : public BlockDevice {
   // with a blocking getaddrinfo inside nbd_aio_connect_uri: that is not bounded.)
   static Result<std::unique_ptr<NbdDevice>> Connect(const std::string& uri,
                                                     std::chrono::milliseconds timeout);
-  // Disconnects (NBD_CMD_DISC, bounded by the timeout) unless the device is broken.
-  // No call may be in flight.
+  // Disconnects (NBD_CMD_DISC, waiting at most the timeout for the server to close) unless
+  // the device is broken; after Abort() it closes at once. No call may be in flight.
   ~NbdDevice() override;
 
   Status Read(uint64_t offset, void* buf, size_t len) override;
