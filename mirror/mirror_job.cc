@@ -449,6 +449,9 @@ void MirrorJob::Cancel() {
     stop_ = true;
     cv_.SignalAll();
   }
+  // A cancelled job's target content is undefined anyway: cut a hung connection so the
+  // workers come back now (a file target has nothing to abort; its writes end).
+  if (coordinator_.joinable() && !pivoted_ && target_.abort && state() == JobState::kCancelled) target_.abort();
   if (coordinator_.joinable()) coordinator_.join();
 }
 

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -43,6 +44,9 @@ struct Target {
   std::unique_ptr<block::BlockDevice> dev;
   bool known_zero = false;
   std::string desc;  // for messages: the path or URI
+  // Makes every request in flight on the target fail at once (NBD: drop the connection),
+  // so cancel returns promptly even with a hung server. Empty: nothing to do.
+  std::function<void()> abort;
 };
 
 class MirrorJob {

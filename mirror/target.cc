@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "block/nbd_device.h"
 #include "block/raw_file_device.h"
 #include "qcow2/create.h"
 #include "qcow2/image.h"
@@ -25,11 +26,21 @@ Status Refuse(const std::string& key, const std::string& value, const std::strin
 }  // namespace
 
 Result<Target> OpenTarget(const config::MirrorTarget& t, const SourceInfo& src, uint32_t timeout_s) {
-  (void)timeout_s;
   using config::MirrorTarget;
   Target out;
-  if (t.kind == MirrorTarget::Kind::kNbd)
-    return Refuse("target.nbd", t.nbd_uri, "NBD targets are not available in this build yet");
+  if (t.kind == MirrorTarget::Kind::kNbd) {
+    out.desc = t.nbd_uri;
+    auto c = block::NbdDevice::Connect(t.nbd_uri, std::chrono::seconds(timeout_s));
+    if (!c.ok()) return Refuse("target.nbd", t.nbd_uri, c.status().message());
+    block::NbdDevice* nbd = c.value().get();
+    out.abort = [nbd] { nbd->Abort(); };
+    out.dev = std::move(c).value();
+    if (out.dev->Size() != src.size)
+      return Refuse("target.nbd", t.nbd_uri,
+                    "the export has " + std::to_string(out.dev->Size()) + " bytes, the source " +
+                        std::to_string(src.size) + " (the sizes must be equal)");
+    return out;
+  }
   const std::string& p = t.path;
   out.desc = p;
   for (const auto& f : src.files)
