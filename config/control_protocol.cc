@@ -89,7 +89,77 @@ std::string StatusToJson(const StatusReport& r) {
                                   {"flushes", i.flushes}}}});
   }
   j["images"] = imgs;
+  json mirrors = json::array();
+  for (const auto& m : r.mirrors) mirrors.push_back(json::parse(MirrorReportToJson(m)));
+  j["mirrors"] = mirrors;
   return Dump(j);
+}
+
+std::string MirrorReportToJson(const MirrorReport& m) {
+  json t;
+  try {
+    t = json::parse(m.target_json);
+  } catch (const json::exception&) {
+    t = json::object();
+  }
+  json j = {{"id", m.id},
+            {"image", m.image},
+            {"target", t},
+            {"mode", m.mode},
+            {"sync", m.sync},
+            {"copy_on_read", m.copy_on_read},
+            {"granularity", m.granularity},
+            {"state", m.state},
+            {"bytes_done", m.bytes_done},
+            {"bytes_total", m.bytes_total},
+            {"dirty_bytes", m.dirty_bytes},
+            {"speed", m.speed},
+            {"speed_bps", m.speed_bps},
+            {"actively_synced", m.actively_synced},
+            {"error", m.error}};
+  return Dump(j);
+}
+
+Result<MirrorReport> MirrorReportFromJson(const std::string& text) {
+  try {
+    json j = json::parse(text);
+    MirrorReport m;
+    m.id = j.at("id").get<std::string>();
+    m.image = j.at("image").get<std::string>();
+    m.target_json = Dump(j.at("target"));
+    m.mode = j.at("mode").get<std::string>();
+    m.sync = j.at("sync").get<std::string>();
+    m.copy_on_read = j.at("copy_on_read").get<bool>();
+    m.granularity = j.at("granularity").get<uint64_t>();
+    m.state = j.at("state").get<std::string>();
+    m.bytes_done = j.at("bytes_done").get<uint64_t>();
+    m.bytes_total = j.at("bytes_total").get<uint64_t>();
+    m.dirty_bytes = j.at("dirty_bytes").get<uint64_t>();
+    m.speed = j.at("speed").get<uint64_t>();
+    m.speed_bps = j.at("speed_bps").get<uint64_t>();
+    m.actively_synced = j.at("actively_synced").get<bool>();
+    m.error = j.at("error").get<std::string>();
+    return m;
+  } catch (const json::exception& e) {
+    return Status::IoError(std::string("malformed mirror status: ") + e.what());
+  }
+}
+
+std::string MirrorReportToText(const MirrorReport& m) {
+  uint64_t pct = m.bytes_total ? std::min<uint64_t>(100, m.bytes_done * 100 / m.bytes_total) : (m.state == "running" ? 0 : 100);
+  char rate[32];
+  snprintf(rate, sizeof(rate), "%.1f MiB/s", static_cast<double>(m.speed_bps) / (1 << 20));
+  std::string eta = "-";
+  if (m.speed_bps > 0 && m.bytes_total > m.bytes_done) {
+    uint64_t s = (m.bytes_total - m.bytes_done) / m.speed_bps;
+    char b[32];
+    snprintf(b, sizeof(b), "%llu:%02llu", static_cast<unsigned long long>(s / 60), static_cast<unsigned long long>(s % 60));
+    eta = b;
+  }
+  std::string out = m.id + " " + m.state + " " + std::to_string(pct) + "% " + rate + " ETA " + eta;
+  if (m.actively_synced) out += " actively-synced";
+  if (!m.error.empty()) out += " error: " + m.error;
+  return out;
 }
 
 Result<StatusReport> StatusFromJson(const std::string& text) {
@@ -118,6 +188,11 @@ Result<StatusReport> StatusFromJson(const std::string& text) {
       ir.flushes = i.at("requests").at("flushes").get<uint64_t>();
       r.images.push_back(ir);
     }
+    if (j.contains("mirrors"))
+      for (const auto& m : j.at("mirrors")) {
+        ASSIGN_OR_RETURN(MirrorReport mr, MirrorReportFromJson(Dump(m)));
+        r.mirrors.push_back(mr);
+      }
     return r;
   } catch (const json::exception& e) {
     return Status::IoError(std::string("malformed status reply: ") + e.what());
@@ -139,6 +214,7 @@ std::string StatusToText(const StatusReport& r) {
     out += "  requests: " + std::to_string(i.reads) + " reads, " + std::to_string(i.writes) + " writes, " +
            std::to_string(i.discards) + " discards, " + std::to_string(i.flushes) + " flushes\n";
   }
+  for (const auto& m : r.mirrors) out += "mirror " + m.image + ": " + MirrorReportToText(m) + "\n";
   return out;
 }
 

@@ -31,11 +31,28 @@ struct ImageReport {
   uint64_t in_flight = 0, reads = 0, writes = 0, discards = 0, flushes = 0;
 };
 
+// One mirror job (SPEC §6 status fields). target_json is the job's target object.
+struct MirrorReport {
+  std::string id, image, target_json = "{}", mode, sync;
+  bool copy_on_read = false;
+  uint64_t granularity = 0;
+  std::string state;
+  uint64_t bytes_done = 0, bytes_total = 0, dirty_bytes = 0, speed = 0, speed_bps = 0;
+  bool actively_synced = false;
+  std::string error;
+};
+
+std::string MirrorReportToJson(const MirrorReport& m);
+Result<MirrorReport> MirrorReportFromJson(const std::string& json_text);
+// A progress line: "mig1 running 42% 120.5 MiB/s ETA 0:12".
+std::string MirrorReportToText(const MirrorReport& m);
+
 struct StatusReport {
   std::string mountpoint;
   int64_t pid = 0;
   unsigned threads = 0;
   std::vector<ImageReport> images;
+  std::vector<MirrorReport> mirrors;
 };
 
 std::string StatusToJson(const StatusReport& r);

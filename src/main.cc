@@ -3,15 +3,23 @@
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <optional>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "config/config.h"
 #include "config/control_protocol.h"
+#include "config/mirror_job.h"
 #include "daemon/control_server.h"
 #include "daemon/daemon.h"
 #include "qcow2/create.h"
@@ -38,7 +46,12 @@ void PrintMainHelp() {
       "  mount [OPTIONS] IMAGE MOUNTPOINT\n"
       "  mount --config FILE [OPTIONS]\n"
       "  IMAGE MOUNTPOINT [-o OPTS]          (same as mount; used by mount -t fuse.qcowfs)\n"
-      "  status [--json] (MOUNTPOINT | --socket PATH)\n\n"
+      "  status [--json] (MOUNTPOINT | --socket PATH)\n"
+      "  mirror start    (MOUNTPOINT | --socket PATH) JOB.json [--wait]\n"
+      "  mirror status   (MOUNTPOINT | --socket PATH) [JOB-ID] [--json]\n"
+      "  mirror speed    (MOUNTPOINT | --socket PATH) JOB-ID BYTES-PER-SECOND\n"
+      "  mirror complete (MOUNTPOINT | --socket PATH) JOB-ID [--no-pivot]\n"
+      "  mirror cancel   (MOUNTPOINT | --socket PATH) JOB-ID\n\n"
       "Run 'qcowfs COMMAND --help' for the options of a command.\n");
 }
 
@@ -367,6 +380,160 @@ int CmdStatus(const std::vector<std::string>& args) {
   return 0;
 }
 
+std::string SocketForMountpoint(const std::string& mp) {
+  char buf[PATH_MAX];
+  if (!realpath(mp.c_str(), buf)) throw UsageError{mp + ": no such mountpoint"};
+  return config::DefaultSocketPath(buf);
+}
+
+// Prints the daemon's error (one line) and returns 1, or the result.
+std::optional<std::string> Call(const std::string& sock, const std::string& cmd, const nlohmann::json& args) {
+  auto r = daemon::ControlCall(sock, cmd, args.dump());
+  if (!r.ok()) {
+    std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
+    return std::nullopt;
+  }
+  return r.value();
+}
+
+// `mirror start --wait`: a progress bar on a terminal, plain lines otherwise; 0 once the
+// job is ready, 1 if it failed or was cancelled.
+int WaitReady(const std::string& sock, const std::string& id) {
+  bool tty = isatty(STDOUT_FILENO);
+  std::string last;
+  auto next_line = std::chrono::steady_clock::now();
+  for (;;) {
+    auto r = Call(sock, "mirror-status", {{"id", id}});
+    if (!r) return 1;
+    auto m = config::MirrorReportFromJson(*r);
+    if (!m.ok()) {
+      std::fprintf(stderr, "qcowfs: %s\n", m.status().message().c_str());
+      return 1;
+    }
+    const config::MirrorReport& rep = m.value();
+    std::string line = config::MirrorReportToText(rep);
+    if (tty) {
+      uint64_t pct = rep.bytes_total ? std::min<uint64_t>(100, rep.bytes_done * 100 / rep.bytes_total) : (rep.state == "running" ? 0 : 100);
+      std::string bar(pct * 30 / 100, '#');
+      bar.resize(30, '.');
+      std::printf("\r[%s] %s\033[K", bar.c_str(), line.c_str());
+      std::fflush(stdout);
+    } else if (line != last && std::chrono::steady_clock::now() >= next_line) {
+      std::printf("%s\n", line.c_str());
+      std::fflush(stdout);
+      last = line;
+      next_line = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    }
+    if (rep.state != "running") {
+      if (tty) std::printf("\n");
+      else if (line != last) std::printf("%s\n", line.c_str());
+      if (rep.state == "ready" || rep.state == "completed") return 0;
+      std::fprintf(stderr, "qcowfs: mirror job %s %s%s%s\n", id.c_str(), rep.state.c_str(),
+                   rep.error.empty() ? "" : ": ", rep.error.c_str());
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+}
+
+int CmdMirror(const std::vector<std::string>& args) {
+  const char* usage =
+      "Usage: qcowfs mirror start    (MOUNTPOINT | --socket PATH) JOB.json [--wait]\n"
+      "       qcowfs mirror status   (MOUNTPOINT | --socket PATH) [JOB-ID] [--json]\n"
+      "       qcowfs mirror speed    (MOUNTPOINT | --socket PATH) JOB-ID BYTES-PER-SECOND\n"
+      "       qcowfs mirror complete (MOUNTPOINT | --socket PATH) JOB-ID [--no-pivot]\n"
+      "       qcowfs mirror cancel   (MOUNTPOINT | --socket PATH) JOB-ID\n\n"
+      "Copies a mounted image live to a file or an NBD server (see README).\n\nOptions";
+  po::options_description desc(usage);
+  desc.add_options()("help,h", "show this help")("socket", po::value<std::string>(), "control socket path")
+      ("wait", "start: wait until the job is ready, with a progress bar")("json", "status: print JSON")
+      ("no-pivot", "complete: leave the target an exact copy instead of switching the mount to it");
+  po::options_description hidden;
+  hidden.add_options()("positional", po::value<std::vector<std::string>>(), "");
+  po::positional_options_description pos;
+  pos.add("positional", -1);
+  po::variables_map vm = Store(args, desc, hidden, pos);
+  std::vector<std::string> p = vm.count("positional") ? vm["positional"].as<std::vector<std::string>>()
+                                                      : std::vector<std::string>{};
+  if (vm.count("help") || p.empty()) {
+    std::cout << desc << "\n";
+    return vm.count("help") ? 0 : 2;
+  }
+  std::string sub = p[0];
+  p.erase(p.begin());
+  std::string sock;
+  if (vm.count("socket")) {
+    sock = vm["socket"].as<std::string>();
+  } else {
+    if (p.empty()) throw UsageError{"give a MOUNTPOINT or --socket PATH"};
+    sock = SocketForMountpoint(p[0]);
+    p.erase(p.begin());
+  }
+  auto want = [&](size_t lo, size_t hi) {
+    if (p.size() < lo || p.size() > hi) throw UsageError{"wrong number of arguments for 'mirror " + sub + "'"};
+  };
+  if (sub == "start") {
+    want(1, 1);
+    std::ifstream in(p[0]);
+    if (!in) {
+      std::fprintf(stderr, "qcowfs: %s: cannot read the job file\n", p[0].c_str());
+      return 1;
+    }
+    std::stringstream ss;
+    ss << in.rdbuf();
+    auto job = config::ParseMirrorJob(ss.str(), p[0]);
+    if (!job.ok()) {
+      std::fprintf(stderr, "qcowfs: %s\n", job.status().message().c_str());
+      return 1;
+    }
+    auto r = Call(sock, "mirror-start", nlohmann::json::parse(config::MirrorJobToJson(job.value())));
+    if (!r) return 1;
+    auto m = config::MirrorReportFromJson(*r);
+    std::string id = m.ok() ? m.value().id : "";
+    std::printf("mirror job %s started\n", id.c_str());
+    std::fflush(stdout);
+    return vm.count("wait") ? WaitReady(sock, id) : 0;
+  }
+  if (sub == "status") {
+    want(0, 1);
+    nlohmann::json a = nlohmann::json::object();
+    if (!p.empty()) a["id"] = p[0];
+    auto r = Call(sock, "mirror-status", a);
+    if (!r) return 1;
+    nlohmann::json j = nlohmann::json::parse(*r);
+    if (vm.count("json")) {
+      std::cout << j.dump(2) << "\n";
+      return 0;
+    }
+    nlohmann::json list = p.empty() ? j["jobs"] : nlohmann::json::array({j});
+    if (list.empty()) std::printf("no mirror jobs\n");
+    for (const auto& x : list) {
+      auto m = config::MirrorReportFromJson(x.dump());
+      if (m.ok()) std::printf("%s: %s\n", m.value().image.c_str(), config::MirrorReportToText(m.value()).c_str());
+    }
+    return 0;
+  }
+  if (sub == "speed") {
+    want(2, 2);
+    auto bps = ParseSize(p[1]);
+    if (!bps.ok()) throw UsageError{"BYTES-PER-SECOND: " + bps.status().message()};
+    return Call(sock, "mirror-set-speed", {{"id", p[0]}, {"speed", bps.value()}}) ? 0 : 1;
+  }
+  if (sub == "complete") {
+    want(1, 1);
+    auto r = Call(sock, "mirror-complete", {{"id", p[0]}, {"pivot", vm.count("no-pivot") == 0}});
+    if (!r) return 1;
+    std::printf("mirror job %s completed%s\n", p[0].c_str(),
+                vm.count("no-pivot") ? "; the target is an exact copy" : "; the mount now serves the target");
+    return 0;
+  }
+  if (sub == "cancel") {
+    want(1, 1);
+    return Call(sock, "mirror-cancel", {{"id", p[0]}}) ? 0 : 1;
+  }
+  throw UsageError{"unknown mirror command '" + sub + "'"};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -390,6 +557,7 @@ int main(int argc, char** argv) {
     if (cmd == "info") return CmdInfo(rest);
     if (cmd == "mount") return CmdMount(rest);
     if (cmd == "status") return CmdStatus(rest);
+    if (cmd == "mirror") return CmdMirror(rest);
     // `qcowfs IMAGE MOUNTPOINT [-o OPTS]`, as mount.fuse3 runs it.
     if (!cmd.empty() && cmd[0] != '-' && args.size() >= 2) return CmdMount(args);
     throw UsageError{"unknown command '" + cmd + "' (try qcowfs --help)"};

@@ -111,11 +111,12 @@ if [[ "$QUICK" != 1 ]]; then
   step "gcc: TSan, the concurrency tests (build-tsan/)"
   cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=tsan \
     -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
-  cmake --build build-tsan -j"$JOBS" --target unit_qcow2
-  # race:* (discard/rewrite races, overlapping allocations, concurrent I/O + flush) and
-  # inflight:* (the tracked-request table, incl. 4-thread register/release).
+  cmake --build build-tsan -j"$JOBS" --target unit_qcow2 unit_mirror
+  # race:* (discard/rewrite races, overlapping allocations, concurrent I/O + flush),
+  # inflight:* (the tracked-request table, incl. 4-thread register/release) and the mirror
+  # job's unit tests (copy workers, write-blocking writes, the stale-copy races).
   (cd build-tsan/tests && TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" \
-    ./unit_qcow2 -tc='race:*,inflight:*')
+    ./unit_qcow2 -tc='race:*,inflight:*' && ./unit_mirror)
   summary+=("gcc TSan concurrency tests: ok")
 
   step "clang-14: libFuzzer, ${FUZZ_TIME}s per target (build-fuzz/)"

@@ -120,6 +120,8 @@ class Qcow2Image final : public block::BlockDevice {
   block::BlockDevice* backing() const { return backing_; }
   // Chain description for `info`: each backing file below this image, nearest first.
   std::vector<std::string> BackingChain() const;
+  // The files of the backing chain, nearest first (paths as opened).
+  std::vector<std::string> BackingFiles() const;
 
  private:
   struct ClusterInfo;  // decoded L2 entry (image_map.cc)
@@ -227,6 +229,7 @@ class Qcow2Image final : public block::BlockDevice {
   std::unique_ptr<block::BlockDevice> owned_data_;
   std::unique_ptr<block::BlockDevice> owned_backing_;
   std::string backing_desc_;
+  std::string backing_path_;  // the backing file as opened (empty: none, or a device)
   std::atomic<uint64_t> size_{0};
   std::atomic<bool> corrupt_{false};
   std::atomic<bool> closed_{false};

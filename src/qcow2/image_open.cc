@@ -221,11 +221,13 @@ Status Qcow2Image::OpenBacking(const std::string& dir, std::set<std::string>* ch
       return Status::Error(s.err(), name_ + ": backing file: " + s.message());
     }
     backing_desc_ = p + " (qcow2)";
+    backing_path_ = p;
     owned_backing_ = std::move(img);
   } else if (fmt == "raw") {
     auto raw = block::RawFileDevice::Open(p, true, lock);
     if (!raw.ok()) return Status::Error(raw.status().err(), name_ + ": backing file: " + raw.status().message());
     backing_desc_ = p + " (raw)";
+    backing_path_ = p;
     owned_backing_ = std::move(raw).value();
   } else {
     return Status::Invalid(name_ + ": unsupported backing file format '" + fmt + "'");
@@ -240,6 +242,16 @@ std::vector<std::string> Qcow2Image::BackingChain() const {
   out.push_back(backing_desc_);
   if (auto* q = dynamic_cast<Qcow2Image*>(backing_)) {
     auto rest = q->BackingChain();
+    out.insert(out.end(), rest.begin(), rest.end());
+  }
+  return out;
+}
+
+std::vector<std::string> Qcow2Image::BackingFiles() const {
+  std::vector<std::string> out;
+  if (!backing_path_.empty()) out.push_back(backing_path_);
+  if (auto* q = dynamic_cast<Qcow2Image*>(backing_)) {
+    auto rest = q->BackingFiles();
     out.insert(out.end(), rest.begin(), rest.end());
   }
   return out;

@@ -1,6 +1,7 @@
 // Annotated mutex, scoped lock and condition variable.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <shared_mutex>
@@ -38,6 +39,12 @@ class CondVar {
   void Wait() REQUIRES(*mu_) NO_THREAD_SAFETY_ANALYSIS {
     std::unique_lock<std::mutex> lk(mu_->native(), std::adopt_lock);
     cv_.wait(lk);
+    lk.release();
+  }
+  // Waits at most ms milliseconds (or until signalled).
+  void WaitFor(int64_t ms) REQUIRES(*mu_) NO_THREAD_SAFETY_ANALYSIS {
+    std::unique_lock<std::mutex> lk(mu_->native(), std::adopt_lock);
+    cv_.wait_for(lk, std::chrono::milliseconds(ms));
     lk.release();
   }
   void SignalAll() { cv_.notify_all(); }
