@@ -174,7 +174,7 @@ void MirrorJob::Worker() {
     if (speed_ > 0) {
       auto now = std::chrono::steady_clock::now();
       if (now < next_copy_) {
-        cv_.WaitFor(std::chrono::duration_cast<std::chrono::milliseconds>(next_copy_ - now).count() + 1);
+        cv_.WaitFor(&mu_, std::chrono::duration_cast<std::chrono::milliseconds>(next_copy_ - now).count() + 1);
         continue;
       }
     }
@@ -182,7 +182,7 @@ void MirrorJob::Worker() {
     uint64_t max = std::min<uint64_t>(max_op_chunks_, std::max<uint64_t>(1, room / g_));
     auto [c, n] = room >= g_ || inflight_bytes_ == 0 ? PickLocked(max) : std::pair<uint64_t, uint64_t>{0, 0};
     if (n == 0) {
-      cv_.Wait();
+      cv_.Wait(&mu_);
       continue;
     }
     uint64_t bytes = ChunkBytes(c, n);
@@ -232,7 +232,7 @@ void MirrorJob::AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bo
   }
   // Write-blocking: claim the whole range, then write through the bytes that lie in
   // chunks no longer dirty (bytes in dirty chunks are left to the copy).
-  while (claimed_.Intersects(c0, c1 - c0) && !stop_) cv_.Wait();
+  while (claimed_.Intersects(c0, c1 - c0) && !stop_) cv_.Wait(&mu_);
   if (stop_) {
     mu_.Unlock();
     return;
@@ -359,7 +359,7 @@ void MirrorJob::Coordinate() {
     }
     if (complete_ && state_ == JobState::kReady) {
       completing_ = true;  // guest writes go through to the target from now on
-      while (!QuiescentLocked() && !stop_) cv_.Wait();
+      while (!QuiescentLocked() && !stop_) cv_.Wait(&mu_);
       if (stop_) break;
       mu_.Unlock();
       filter_->Pause();  // no guest request in flight, none starts
@@ -398,7 +398,7 @@ void MirrorJob::Coordinate() {
       done = true;
       break;
     }
-    cv_.Wait();
+    cv_.Wait(&mu_);
   }
   stop_ = true;
   cv_.SignalAll();
@@ -431,7 +431,7 @@ Status MirrorJob::Complete(bool pivot) {
     complete_ = true;
     pivot_ = pivot;
     cv_.SignalAll();
-    while (!finished_) cv_.Wait();
+    while (!finished_) cv_.Wait(&mu_);
     if (state_ != JobState::kCompleted) return Status::IoError("job " + cfg_.id + " failed: " + error_);
   }
   if (coordinator_.joinable()) coordinator_.join();
@@ -468,7 +468,7 @@ JobState MirrorJob::WaitReadyOrEnd(int64_t timeout_ms) {
   while (state_ == JobState::kRunning) {
     auto now = std::chrono::steady_clock::now();
     if (now >= deadline) break;
-    cv_.WaitFor(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1);
+    cv_.WaitFor(&mu_, std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count() + 1);
   }
   return state_;
 }

@@ -111,7 +111,7 @@ class MirrorJob {
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 
   mutable Mutex mu_;
-  CondVar cv_{&mu_};
+  CondVar cv_;
   JobState state_ GUARDED_BY(mu_) = JobState::kRunning;
   std::string error_ GUARDED_BY(mu_);
   ChunkSet dirty_ GUARDED_BY(mu_);

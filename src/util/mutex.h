@@ -32,18 +32,18 @@ class SCOPED_CAPABILITY MutexLock {
   Mutex* mu_;
 };
 
-// Condition variable bound to one Mutex. Wait() must be called with it held.
+// Condition variable for one Mutex; the caller names it (so the thread-safety analysis
+// can check it is held).
 class CondVar {
  public:
-  explicit CondVar(Mutex* mu) : mu_(mu) {}
-  void Wait() REQUIRES(*mu_) NO_THREAD_SAFETY_ANALYSIS {
-    std::unique_lock<std::mutex> lk(mu_->native(), std::adopt_lock);
+  void Wait(Mutex* mu) REQUIRES(*mu) NO_THREAD_SAFETY_ANALYSIS {
+    std::unique_lock<std::mutex> lk(mu->native(), std::adopt_lock);
     cv_.wait(lk);
     lk.release();
   }
   // Waits at most ms milliseconds (or until signalled).
-  void WaitFor(int64_t ms) REQUIRES(*mu_) NO_THREAD_SAFETY_ANALYSIS {
-    std::unique_lock<std::mutex> lk(mu_->native(), std::adopt_lock);
+  void WaitFor(Mutex* mu, int64_t ms) REQUIRES(*mu) NO_THREAD_SAFETY_ANALYSIS {
+    std::unique_lock<std::mutex> lk(mu->native(), std::adopt_lock);
     cv_.wait_for(lk, std::chrono::milliseconds(ms));
     lk.release();
   }
@@ -51,7 +51,6 @@ class CondVar {
   void Signal() { cv_.notify_one(); }
 
  private:
-  Mutex* mu_;
   std::condition_variable cv_;
 };
 
