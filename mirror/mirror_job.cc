@@ -83,6 +83,12 @@ void MirrorJob::FailLocked(const Status& s) {
   cv_.SignalAll();
 }
 
+// A target error names the target once.
+Status MirrorJob::TargetError(const Status& s) const {
+  if (s.message().find(target_.desc) != std::string::npos) return s;
+  return Status::Error(s.err(), target_.desc + ": " + s.message());
+}
+
 // --- the initial scan
 
 Status MirrorJob::ScanSource() {
@@ -125,12 +131,12 @@ Status MirrorJob::CopyChunks(uint64_t first, uint64_t n, std::vector<uint8_t>* b
         buf->resize(std::max<uint64_t>(buf->size(), len));
         RETURN_IF_ERROR(source_->Read(p, buf->data(), len));
         Status s = WriteTarget(p, len, buf->data());
-        if (!s.ok()) return Status::Error(s.err(), target_.desc + ": " + s.message());
+        if (!s.ok()) return TargetError(s);
         p += len;
       }
     } else {
       Status s = WriteTarget(pos, ext_end - pos, nullptr);
-      if (!s.ok()) return Status::Error(s.err(), target_.desc + ": " + s.message());
+      if (!s.ok()) return TargetError(s);
     }
     pos = ext_end;
   }
@@ -258,7 +264,7 @@ void MirrorJob::AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bo
   claimed_.Remove(c0, c1 - c0);
   if (!s.ok()) {
     MarkDirtyLocked(c0, c1 - c0);
-    FailLocked(Status::Error(s.err(), target_.desc + ": " + s.message()));
+    FailLocked(TargetError(s));
   }
   cv_.SignalAll();
   mu_.Unlock();
@@ -319,7 +325,7 @@ Status MirrorJob::GuestRead(block::BlockDevice* src, uint64_t off, void* buf, si
       copied_data_ += ChunkBytes(c, n);
     }
   }
-  if (!ts.ok()) FailLocked(Status::Error(ts.err(), target_.desc + ": " + ts.message()));
+  if (!ts.ok()) FailLocked(TargetError(ts));
   cv_.SignalAll();
   return rs;  // the guest gets the source's result, whatever the target did
 }
@@ -347,7 +353,7 @@ void MirrorJob::Coordinate() {
       Status f = target_.dev->Flush();
       mu_.Lock();
       if (!f.ok()) {
-        FailLocked(Status::Error(f.err(), target_.desc + ": flush: " + f.message()));
+        FailLocked(TargetError(f));
         break;
       }
       if (state_ == JobState::kRunning && QuiescentLocked()) {
@@ -378,7 +384,7 @@ void MirrorJob::Coordinate() {
       Status f = target_.dev->Flush();
       mu_.Lock();
       if (!f.ok()) {
-        FailLocked(Status::Error(f.err(), target_.desc + ": final flush: " + f.message()));
+        FailLocked(TargetError(f));
         filter_->SetJob(nullptr);
         mu_.Unlock();
         filter_->Resume();

@@ -98,6 +98,7 @@ class MirrorJob {
   bool QuiescentLocked() const REQUIRES(mu_) { return dirty_.empty() && claimed_.empty(); }
   uint64_t ChunkBytes(uint64_t first, uint64_t n) const;
   void Detach();
+  Status TargetError(const Status& s) const;
 
   const config::MirrorJobConfig cfg_;
   const uint64_t g_;  // granularity

@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/nbd_servers.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
 
@@ -35,168 +36,12 @@ namespace qcowfs::block {
 namespace {
 
 using namespace std::chrono_literals;
-using qcowfs::testing::RequireTool;
+using namespace qcowfs::testing;
 using qcowfs::testing::TempDir;
 using Clock = std::chrono::steady_clock;
 
 constexpr uint64_t kKiB = 1024;
 constexpr uint64_t kMiB = 1024 * kKiB;
-
-// --- servers and sockets -------------------------------------------------------------------
-
-std::string FindInPath(const std::string& name) {
-  const char* path = getenv("PATH");
-  std::stringstream ss(path ? path : "/usr/bin:/bin");
-  std::string dir;
-  while (std::getline(ss, dir, ':')) {
-    std::string p = (dir.empty() ? "." : dir) + "/" + name;
-    if (access(p.c_str(), X_OK) == 0) return p;
-  }
-  return "";
-}
-
-std::string ReadWholeFile(const std::string& path) {
-  std::ifstream f(path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-bool UnixConnects(const std::string& path) {
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  sockaddr_un sa{};
-  sa.sun_family = AF_UNIX;
-  snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path.c_str());
-  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0;
-  close(fd);
-  return ok;
-}
-
-bool TcpConnects(int port) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_port = htons(static_cast<uint16_t>(port));
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0;
-  close(fd);
-  return ok;
-}
-
-// A listening socket on 127.0.0.1 (port 0: any free one). Never accepts: the kernel
-// completes connections into the backlog and nothing is ever said on them.
-int ListenTcp(int* port) {
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
-  REQUIRE(listen(fd, 16) == 0);
-  socklen_t len = sizeof(sa);
-  REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) == 0);
-  *port = ntohs(sa.sin_port);
-  return fd;
-}
-
-int ListenUnix(const std::string& path) {
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_un sa{};
-  sa.sun_family = AF_UNIX;
-  snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path.c_str());
-  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
-  REQUIRE(listen(fd, 16) == 0);
-  return fd;
-}
-
-// A port nobody listens on (bound once, then released).
-int FreePort() {
-  int port = 0;
-  close(ListenTcp(&port));
-  return port;
-}
-
-// A server process: started with stdout/stderr into a log file, killed with the test
-// binary (PR_SET_PDEATHSIG) or by PID on destruction (SIGTERM, then SIGKILL).
-class Server {
- public:
-  Server(const std::vector<std::string>& argv, std::string log, const std::function<bool()>& ready)
-      : log_(std::move(log)) {
-    std::string exe = FindInPath(argv[0]);
-    REQUIRE_MESSAGE(!exe.empty(), argv[0] << " not found");
-    std::vector<char*> cargv;
-    for (const std::string& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
-    cargv.push_back(nullptr);
-    fflush(stdout);
-    fflush(stderr);
-    pid_ = fork();
-    REQUIRE(pid_ >= 0);
-    if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);
-      int in = open("/dev/null", O_RDONLY);
-      int out = open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
-      if (in < 0 || out < 0) _exit(126);
-      dup2(in, 0);
-      dup2(out, 1);
-      dup2(out, 2);
-      execv(exe.c_str(), cargv.data());
-      _exit(127);
-    }
-    Clock::time_point until = Clock::now() + 20s;
-    while (!ready()) {
-      int status;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        FAIL("server exited before it was ready: " << argv[0] << "\n" << Log());
-      }
-      if (Clock::now() > until) FAIL("server not ready after 20 s: " << Log());
-      std::this_thread::sleep_for(20ms);
-    }
-  }
-  ~Server() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    for (int i = 0; i < 250; ++i) {
-      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
-      std::this_thread::sleep_for(20ms);
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  Server(const Server&) = delete;
-  Server& operator=(const Server&) = delete;
-
-  std::string Log() const { return ReadWholeFile(log_); }
-
- private:
-  std::string log_;
-  pid_t pid_ = -1;
-};
-
-std::string UnixUri(const std::string& sock) { return "nbd+unix:///?socket=" + sock; }
-
-// qemu-nbd serving a raw file on a Unix socket (persistent: the readiness probe is a client).
-std::unique_ptr<Server> StartQemuNbd(const TempDir& dir, const std::string& file,
-                                     std::vector<std::string> extra = {}) {
-  RequireTool("qemu-nbd");
-  std::string sock = dir.File("qemu-nbd.sock");
-  std::vector<std::string> argv = {"qemu-nbd", "-f", "raw", "-t", "-k", sock};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  argv.push_back(file);
-  return std::make_unique<Server>(argv, dir.File("qemu-nbd.log"), [sock] { return UnixConnects(sock); });
-}
-
-// nbdkit on a Unix socket: args are filters, the plugin and its parameters.
-std::unique_ptr<Server> StartNbdkitUnix(const TempDir& dir, const std::string& sock,
-                                        const std::vector<std::string>& args) {
-  RequireTool("nbdkit");
-  std::vector<std::string> argv = {"nbdkit", "-f", "--exit-with-parent", "-U", sock};
-  argv.insert(argv.end(), args.begin(), args.end());
-  return std::make_unique<Server>(argv, dir.File("nbdkit.log"), [sock] { return UnixConnects(sock); });
-}
 
 std::unique_ptr<NbdDevice> ConnectOrDie(const std::string& uri,
                                         std::chrono::milliseconds timeout = 10s) {
@@ -678,21 +523,6 @@ TEST_CASE("NbdDevice: connect to a socket that accepts and never speaks times ou
   }
   close(ufd);
   close(tfd);
-}
-
-// Sends one command character to nbdkit's pause filter and waits for its echo.
-void PauseControl(const std::string& ctl, char cmd) {
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_un sa{};
-  sa.sun_family = AF_UNIX;
-  snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", ctl.c_str());
-  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) == 0);
-  REQUIRE(write(fd, &cmd, 1) == 1);
-  char echo = 0;
-  REQUIRE(read(fd, &echo, 1) == 1);
-  CHECK(echo == cmd - 'a' + 'A');
-  close(fd);
 }
 
 TEST_CASE("NbdDevice: a paused server: the request times out, later calls fail at once; Abort") {
