@@ -33,19 +33,18 @@
 #include <memory>
 #include <random>
 #include <set>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "qcow2/image.h"
 #include "support/ack_model.h"
+#include "support/crash_check.h"
 #include "support/must.h"
 #include "support/process.h"
 #include "support/qcow2_layout.h"
 #include "support/recording_device.h"
 #include "support/temp_dir.h"
-#include "util/endian.h"
 #include "util/log.h"
 
 namespace qcowfs::qcow2 {
@@ -118,15 +117,6 @@ std::vector<uint8_t> ReadFile(const std::string& path) {
   std::vector<uint8_t> b;
   ReadFileInto(path, &b);
   return b;
-}
-
-std::string Head(const std::string& s, int lines) {
-  size_t pos = 0;
-  for (int i = 0; i < lines && pos != std::string::npos; i++) pos = s.find('\n', pos + 1);
-  if (pos == std::string::npos) return s;
-  int rest = 0;
-  for (size_t i = pos + 1; i < s.size(); i++) rest += s[i] == '\n';
-  return s.substr(0, pos + 1) + "[... " + std::to_string(rest) + " more lines]\n";
 }
 
 // A 64-bit hash of b, mixed into h (to tell crash images apart).
@@ -478,7 +468,7 @@ class EnumRunner {
     const std::vector<uint8_t>& host = files[0];
     WriteFile(img_, host);
     if (files.size() > 1) WriteFile(data_, files[1]);
-    const bool dirty = host.size() >= 80 && LoadBE32(&host[4]) >= 3 && (LoadBE64(&host[72]) & kIncompatDirty);
+    const bool dirty = testing::DirtyBit(host.data(), host.size());
     const bool lazy = std::string(c_.opts).find("lazy_refcounts=on") != std::string::npos;
     if (dirty) {
       stats_.dirty++;
@@ -522,28 +512,12 @@ class EnumRunner {
     return "";
   }
 
-  // `qemu-img check`: exit 0 or 3 (leaks; not after a rebuild of lazy refcounts, which
-  // counts exactly). With the dirty bit set (lazy refcounts) the refcounts may be stale
-  // until the next writable open rebuilds them, so there exit 2 passes when every error
-  // is a refcount one.
+  // `qemu-img check` on the image; "" when it passes (testing::CrashCheckPasses).
   std::string QemuCheck(const char* when, bool after, bool dirty, bool rebuilt) {
-    testing::CmdResult r = testing::RunCommand({"qemu-img", "check", "-f", "qcow2", img_});
+    testing::ImageCheck r = testing::QemuImgCheck(img_);
     if (r.exit_code == 3) (after ? stats_.leaks_after : stats_.leaks)++;
-    if (r.exit_code == 0 || (r.exit_code == 3 && !rebuilt)) return "";
-    if (dirty && r.exit_code == 2 && OnlyRefcountErrors(r.out + r.err)) return "";
-    return "qemu-img check " + std::string(when) + (dirty ? " (dirty bit set)" : "") + " exit " +
-           std::to_string(r.exit_code) + ":\n" + Head(r.out + r.err, 30);
-  }
-
-  static bool OnlyRefcountErrors(const std::string& out) {
-    std::istringstream in(out);
-    for (std::string line; std::getline(in, line);) {
-      if (line.rfind("ERROR", 0) != 0) continue;
-      bool refcount = (line.rfind("ERROR cluster ", 0) == 0 || line.rfind("ERROR OFLAG_COPIED ", 0) == 0) &&
-                      line.find(" refcount=") != std::string::npos;
-      if (!refcount) return false;
-    }
-    return true;
+    if (testing::CrashCheckPasses(r, !rebuilt, dirty)) return "";
+    return testing::DescribeCheck(r, std::string(when) + (dirty ? " (dirty bit set)" : ""));
   }
 
   void Report() {
