@@ -10,9 +10,9 @@
  *   QCOWFS_FAULT_FAIL_SYNC_AFTER=N     syncs from the N-th on fail with EIO (not synced).
  *   QCOWFS_FAULT_ENOSPC_WRITE_AFTER=N  pwrite/pwritev from the N-th on fail with ENOSPC
  *                                      (nothing written).
- *   QCOWFS_FAULT_SYNC_COUNT_FILE=PATH  after each counted sync starts, PATH holds the number
- *                                      of syncs so far (a decimal line; the test reads it to
- *                                      learn how many syncs a workload makes).
+ *   QCOWFS_FAULT_SYNC_COUNT_FILE=PATH  when a counted sync or write starts, PATH is rewritten
+ *                                      with the numbers of syncs and writes so far ("S W\n";
+ *                                      the test reads it to learn what a workload makes).
  *
  * The counters live in the process: a fork (daemonizing) copies them, so the daemon goes
  * on counting from where its parent stopped. Thread-safe (atomic counters).
@@ -72,16 +72,20 @@ static void* next(const char* name) {
   return f;
 }
 
+static void report(void) {
+  if (count_fd < 0) return;
+  char buf[64];
+  int len = snprintf(buf, sizeof(buf), "%20lld %20lld\n", (long long)atomic_load(&syncs),
+                     (long long)atomic_load(&writes));
+  /* The real pwrite: the count file is not one of the process's writes. */
+  (void)!((pwrite_fn)next("pwrite"))(count_fd, buf, (size_t)len, 0);
+}
+
 /* 0: go on; -1: fail with errno set. */
 static int before_sync(int fd) {
   if (!counted(fd)) return 0;
   long long n = atomic_fetch_add(&syncs, 1) + 1;
-  if (count_fd >= 0) {
-    char buf[32];
-    int len = snprintf(buf, sizeof(buf), "%20lld\n", n);
-    /* The real pwrite: the count file is not one of the process's writes. */
-    (void)!((pwrite_fn)next("pwrite"))(count_fd, buf, (size_t)len, 0);
-  }
+  report();
   if (kill_at_sync > 0 && n == kill_at_sync) raise(SIGKILL);
   if (fail_sync_after > 0 && n >= fail_sync_after) {
     errno = EIO;
@@ -91,9 +95,10 @@ static int before_sync(int fd) {
 }
 
 static int before_write(int fd) {
-  if (enospc_write_after <= 0 || !counted(fd)) return 0;
+  if ((enospc_write_after <= 0 && count_fd < 0) || !counted(fd)) return 0;
   long long n = atomic_fetch_add(&writes, 1) + 1;
-  if (n >= enospc_write_after) {
+  report();
+  if (enospc_write_after > 0 && n >= enospc_write_after) {
     errno = ENOSPC;
     return -1;
   }
