@@ -90,16 +90,16 @@ std::string AckModel::TouchedBy(uint64_t i) const {
   for (size_t c : candidates_) {
     const Op& op = ops_[c];
     if (op.kind == Op::kResize || i < op.off || i >= op.off + op.len) continue;
-    out += " op" + std::to_string(c) + (op.kind == Op::kWrite ? "(write " : "(zero ") + std::to_string(op.off) +
-           "+" + std::to_string(op.len) + ")";
+    out += " op" + std::to_string(c) + (op.kind == Op::kWrite ? "(write " : "(zero ") +
+           std::to_string(op.off) + "+" + std::to_string(op.len) + ")";
   }
   return out.empty() ? " none" : out;
 }
 
 std::string AckModel::Check(const uint8_t* got, uint64_t size) const {
   if (size < acked_size_ || size > max_size())
-    return "guest size " + std::to_string(size) + ", expected " + std::to_string(acked_size_) + ".." +
-           std::to_string(max_size());
+    return "guest size " + std::to_string(size) + ", expected " + std::to_string(acked_size_) +
+           ".." + std::to_string(max_size());
   constexpr uint64_t kChunk = 4096;
   for (uint64_t i = 0; i < size; i++) {
     if (i % kChunk == 0 && size - i >= kChunk && std::memcmp(got + i, &acked_[i], kChunk) == 0) {
@@ -112,11 +112,12 @@ std::string AckModel::Check(const uint8_t* got, uint64_t size) const {
     for (size_t c = 0; c < applied_; c++) {
       const Op& op = ops_[c];
       if (op.kind != Op::kResize && i >= op.off && i < op.off + op.len)
-        by = "op" + std::to_string(c) + (op.kind == Op::kWrite ? " (write " : " (zero ") + std::to_string(op.off) +
-             "+" + std::to_string(op.len) + ")";
+        by = "op" + std::to_string(c) + (op.kind == Op::kWrite ? " (write " : " (zero ") +
+             std::to_string(op.off) + "+" + std::to_string(op.len) + ")";
     }
-    return "guest byte " + std::to_string(i) + " reads " + std::to_string(got[i]) + ", acknowledged value " +
-           std::to_string(acked_[i]) + " from " + by + "; unacknowledged ops over it:" + TouchedBy(i);
+    return "guest byte " + std::to_string(i) + " reads " + std::to_string(got[i]) +
+           ", acknowledged value " + std::to_string(acked_[i]) + " from " + by +
+           "; unacknowledged ops over it:" + TouchedBy(i);
   }
   return "";
 }

@@ -79,7 +79,7 @@ class AckModel {
   std::vector<uint8_t> acked_;
   uint64_t acked_size_;
   uint64_t initial_size_;
-  size_t applied_ = 0;             // ops applied to acked_
+  size_t applied_ = 0;              // ops applied to acked_
   std::vector<size_t> candidates_;  // unacknowledged ops that may have landed
 };
 

@@ -20,15 +20,17 @@ bool CrashCheckPasses(const ImageCheck& r, bool allow_leaks, bool dirty) {
 }
 
 std::string DescribeCheck(const ImageCheck& r, const std::string& when) {
-  return "qemu-img check " + when + " exit " + std::to_string(r.exit_code) + ":\n" + HeadLines(r.output, 30);
+  return "qemu-img check " + when + " exit " + std::to_string(r.exit_code) + ":\n" +
+         HeadLines(r.output, 30);
 }
 
 bool OnlyRefcountErrors(const std::string& output) {
   std::istringstream in(output);
   for (std::string line; std::getline(in, line);) {
     if (line.rfind("ERROR", 0) != 0) continue;
-    bool refcount = (line.rfind("ERROR cluster ", 0) == 0 || line.rfind("ERROR OFLAG_COPIED ", 0) == 0) &&
-                    line.find(" refcount=") != std::string::npos;
+    bool refcount =
+        (line.rfind("ERROR cluster ", 0) == 0 || line.rfind("ERROR OFLAG_COPIED ", 0) == 0) &&
+        line.find(" refcount=") != std::string::npos;
     if (!refcount) return false;
   }
   return true;
@@ -44,7 +46,8 @@ std::string HeadLines(const std::string& s, int lines) {
 }
 
 bool DirtyBit(const uint8_t* header, size_t len) {
-  return len >= 80 && LoadBE32(header + 4) >= 3 && (LoadBE64(header + 72) & qcow2::kIncompatDirty) != 0;
+  return len >= 80 && LoadBE32(header + 4) >= 3 &&
+         (LoadBE64(header + 72) & qcow2::kIncompatDirty) != 0;
 }
 
 bool DirtyBitOf(const std::string& path) {

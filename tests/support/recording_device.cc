@@ -8,12 +8,23 @@ namespace qcowfs::testing {
 void HostOp::ApplyTo(MemDevice* dev) const {
   Status s;
   switch (kind) {
-    case kWrite: s = dev->Write(offset, data.data(), data.size()); break;
-    case kWriteZeroes: s = dev->WriteZeroes(offset, len, may_unmap); break;
-    case kDiscard: s = dev->Discard(offset, len); break;
-    case kResize: s = dev->Resize(offset); break;
-    case kAllocate: s = dev->Allocate(offset, len); break;
-    case kFlush: break;
+    case kWrite:
+      s = dev->Write(offset, data.data(), data.size());
+      break;
+    case kWriteZeroes:
+      s = dev->WriteZeroes(offset, len, may_unmap);
+      break;
+    case kDiscard:
+      s = dev->Discard(offset, len);
+      break;
+    case kResize:
+      s = dev->Resize(offset);
+      break;
+    case kAllocate:
+      s = dev->Allocate(offset, len);
+      break;
+    case kFlush:
+      break;
   }
   (void)s;  // MemDevice never fails
 }
@@ -38,9 +49,12 @@ size_t HostLog::size() const {
   return ops_.size();
 }
 
-size_t HostLog::SyncPos(size_t k) const { return k <= flush_pos_.size() ? flush_pos_[k - 1] : ops_.size(); }
+size_t HostLog::SyncPos(size_t k) const {
+  return k <= flush_pos_.size() ? flush_pos_[k - 1] : ops_.size();
+}
 
-RecordingDevice::RecordingDevice(HostLog* log, const MemDevice& initial) : log_(log), id_(log->AddDevice(initial)) {
+RecordingDevice::RecordingDevice(HostLog* log, const MemDevice& initial)
+    : log_(log), id_(log->AddDevice(initial)) {
   live_.CopyFrom(initial);
 }
 
@@ -59,11 +73,15 @@ Status RecordingDevice::WriteZeroes(uint64_t offset, uint64_t len, bool may_unma
   return Record(HostOp::kWriteZeroes, offset, len, may_unmap);
 }
 
-Status RecordingDevice::Discard(uint64_t offset, uint64_t len) { return Record(HostOp::kDiscard, offset, len, true); }
+Status RecordingDevice::Discard(uint64_t offset, uint64_t len) {
+  return Record(HostOp::kDiscard, offset, len, true);
+}
 
 Status RecordingDevice::Flush() { return Record(HostOp::kFlush, 0, 0, false); }
 
-Status RecordingDevice::Resize(uint64_t new_size) { return Record(HostOp::kResize, new_size, 0, false); }
+Status RecordingDevice::Resize(uint64_t new_size) {
+  return Record(HostOp::kResize, new_size, 0, false);
+}
 
 Status RecordingDevice::Allocate(uint64_t offset, uint64_t len) {
   return Record(HostOp::kAllocate, offset, len, false);
@@ -104,7 +122,8 @@ const std::vector<size_t>& CrashStates::Pending(size_t k) {
   return pending_;
 }
 
-void CrashStates::Materialise(size_t k, const std::vector<bool>& keep, std::vector<std::unique_ptr<MemDevice>>* out) {
+void CrashStates::Materialise(size_t k, const std::vector<bool>& keep,
+                              std::vector<std::unique_ptr<MemDevice>>* out) {
   AdvanceTo(k);
   out->resize(durable_.size());
   for (size_t d = 0; d < durable_.size(); d++) {

@@ -70,7 +70,9 @@ class RecordingDevice final : public block::BlockDevice {
   // A device with a copy of `initial`, recording into log (which must outlive it).
   RecordingDevice(HostLog* log, const MemDevice& initial);
 
-  Status Read(uint64_t offset, void* buf, size_t len) override { return live_.Read(offset, buf, len); }
+  Status Read(uint64_t offset, void* buf, size_t len) override {
+    return live_.Read(offset, buf, len);
+  }
   Status Write(uint64_t offset, const void* buf, size_t len) override;
   Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
   Status Discard(uint64_t offset, uint64_t len) override;
@@ -89,7 +91,8 @@ class RecordingDevice final : public block::BlockDevice {
   const MemDevice& live() const { return live_; }
 
  private:
-  Status Record(HostOp::Kind kind, uint64_t offset, uint64_t len, bool may_unmap, std::vector<uint8_t> data = {});
+  Status Record(HostOp::Kind kind, uint64_t offset, uint64_t len, bool may_unmap,
+                std::vector<uint8_t> data = {});
 
   HostLog* log_;
   int id_;
@@ -107,7 +110,8 @@ class CrashStates {
   const std::vector<size_t>& Pending(size_t k);
   // Writes into out[d] (one per device) the contents of device d after a crash at sync k
   // in which Pending(k)[i] reached the disk iff keep[i] (keep.size() == Pending(k).size()).
-  void Materialise(size_t k, const std::vector<bool>& keep, std::vector<std::unique_ptr<MemDevice>>* out);
+  void Materialise(size_t k, const std::vector<bool>& keep,
+                   std::vector<std::unique_ptr<MemDevice>>* out);
 
  private:
   void AdvanceTo(size_t k);

@@ -60,8 +60,8 @@ using testing::TempDir;
 
 constexpr uint64_t KiB = 1024;
 constexpr uint64_t MiB = 1024 * KiB;
-constexpr size_t kEvenPoints = 40;    // CI: evenly spaced points per case
-constexpr size_t kMaxAround = 48;     // CI: at most this many points around structural steps
+constexpr size_t kEvenPoints = 40;     // CI: evenly spaced points per case
+constexpr size_t kMaxAround = 48;      // CI: at most this many points around structural steps
 constexpr int kMaxFailureReports = 3;  // detailed failure messages per case
 
 bool EnvIs1(const char* name) {
@@ -82,15 +82,15 @@ struct EnumCase {
   const char* name;
   uint64_t cluster_size;
   int refcount_bits;
-  uint64_t size;           // guest size at create
-  const char* opts = "";   // more -o options (lazy_refcounts=on, extended_l2=on, ...)
+  uint64_t size;          // guest size at create
+  const char* opts = "";  // more -o options (lazy_refcounts=on, extended_l2=on, ...)
   Setup setup = Setup::kData;
   uint64_t prefill = 0;    // bytes qemu-io writes first (moves the host file toward a boundary)
   bool data_file = false;  // -o data_file=<dir>/img.data
   bool data_file_raw = false;
-  bool resize = false;     // double the guest mid-workload (L1 growth)
-  int rounds = 4;          // workload rounds (writes, discard + reuse, zeroing, rewrites)
-  int burst = 6;           // allocating writes per round (a Flush after every second)
+  bool resize = false;  // double the guest mid-workload (L1 growth)
+  int rounds = 4;       // workload rounds (writes, discard + reuse, zeroing, rewrites)
+  int burst = 6;        // allocating writes per round (a Flush after every second)
   uint64_t max_write = 64 * KiB;
   uint64_t cache_size = 64 * KiB;  // engine caches: small, so dirty L2 tables get evicted
 };
@@ -137,11 +137,12 @@ uint64_t Hash(const std::vector<uint8_t>& b, uint64_t h) {
 struct Stats {
   size_t points = 0;      // sync points in the log (+1 for trailing ops)
   size_t structural = 0;  // points whose writes put a new refblock/reftable/L1 or a header
+  uint8_t kinds = 0, new_kinds = 0;  // metadata written (new) before any point
   size_t checked_points = 0;
-  size_t images = 0;      // distinct crash images checked
-  size_t duplicates = 0;  // crash images equal to one already checked
-  size_t dirty = 0;       // images with the dirty bit set (first qemu-img check skipped)
-  size_t leaks = 0;       // qemu-img check exit 3 before the reopen
+  size_t images = 0;       // distinct crash images checked
+  size_t duplicates = 0;   // crash images equal to one already checked
+  size_t dirty = 0;        // images with the dirty bit set (lazy refcounts, before the rebuild)
+  size_t leaks = 0;        // qemu-img check exit 3 before the reopen
   size_t leaks_after = 0;  // ... and after it
   size_t failed = 0;
   std::vector<std::string> failed_points;
@@ -167,7 +168,10 @@ struct PointInfo {
 class EnumRunner {
  public:
   explicit EnumRunner(const EnumCase& c)
-      : c_(c), dir_("qcowfs-crash-enum", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : ""), img_(dir_.File("img.qcow2")), data_(dir_.File("img.data")) {}
+      : c_(c),
+        dir_("qcowfs-crash-enum", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : ""),
+        img_(dir_.File("img.qcow2")),
+        data_(dir_.File("img.data")) {}
 
   void Run() {
     SetLogLevel(LogLevel::kError);  // every reopen of a lazy image warns that it rebuilds
@@ -188,7 +192,8 @@ class EnumRunner {
     if (*c_.opts) o += std::string(",") + c_.opts;
     // An absolute data-file name: qemu-img and the reopen find the materialised file.
     if (c_.data_file) o += ",data_file=" + data_ + (c_.data_file_raw ? ",data_file_raw=on" : "");
-    testing::Must({"qemu-img", "create", "-q", "-f", "qcow2", "-o", o, img_, std::to_string(c_.size)});
+    testing::Must(
+        {"qemu-img", "create", "-q", "-f", "qcow2", "-o", o, img_, std::to_string(c_.size)});
     const uint64_t cs = c_.cluster_size, n = c_.size;
     auto s = [](uint64_t v) { return std::to_string(v); };
     std::vector<std::string> io = {"write -P 0x5a 0 " + s(c_.prefill ? c_.prefill : 4 * cs),
@@ -261,10 +266,14 @@ class EnumRunner {
     };
     auto pick_len = [&]() -> uint64_t {
       switch (rng() % 4) {
-        case 0: return 1 + rng() % std::min<uint64_t>(cs, 3000);    // part of a cluster
-        case 1: return cs * (1 + rng() % 2);                        // whole clusters
-        case 2: return 512 * (1 + rng() % 8);                       // sectors
-        default: return 1 + rng() % c_.max_write;                  // anything
+        case 0:
+          return 1 + rng() % std::min<uint64_t>(cs, 3000);  // part of a cluster
+        case 1:
+          return cs * (1 + rng() % 2);  // whole clusters
+        case 2:
+          return 512 * (1 + rng() % 8);  // sectors
+        default:
+          return 1 + rng() % c_.max_write;  // anything
       }
     };
     auto pick_off = [&](uint64_t len, uint64_t lo, uint64_t hi) {
@@ -273,7 +282,8 @@ class EnumRunner {
       return off;
     };
     std::vector<std::pair<uint64_t, uint64_t>> written;
-    const uint64_t sub = std::string(c_.opts).find("extended_l2=on") != std::string::npos ? cs / 32 : cs;
+    const uint64_t sub =
+        std::string(c_.opts).find("extended_l2=on") != std::string::npos ? cs / 32 : cs;
     for (int round = 0; round < c_.rounds; round++) {
       // Allocating writes all over the guest (new L2 tables, refcount blocks).
       for (int i = 0; i < c_.burst; i++) {
@@ -324,7 +334,8 @@ class EnumRunner {
     // The live image agrees with the model before the crash points are looked at.
     std::vector<uint8_t> got(size);
     REQUIRE(img->Read(0, got.data(), size).ok());
-    REQUIRE_MESSAGE(std::memcmp(got.data(), m.current().data(), size) == 0, "live read differs from the model");
+    REQUIRE_MESSAGE(std::memcmp(got.data(), m.current().data(), size) == 0,
+                    "live read differs from the model");
     Status st = img->Close();
     REQUIRE_MESSAGE(st.ok(), st.ToString());
     m.FlushReturned(log_.size());
@@ -357,7 +368,9 @@ class EnumRunner {
       for (size_t i = from; i < log_.SyncPos(k); i++) {
         const HostOp& op = ops[i];
         info[k].ops++;
-        if (op.device != 0 || op.kind == HostOp::kFlush || op.kind == HostOp::kResize || op.len == 0) continue;
+        if (op.device != 0 || op.kind == HostOp::kFlush || op.kind == HostOp::kResize ||
+            op.len == 0)
+          continue;
         for (uint64_t c = op.offset / cs; c <= (op.offset + op.len - 1) / cs; c++) {
           auto it = ever.find(c);
           if (it == ever.end()) continue;
@@ -381,19 +394,23 @@ class EnumRunner {
           if (around.empty() || around.back() < j) around.push_back(j);
     std::set<size_t> pick;
     for (size_t i = 0; i < around.size(); i++)
-      if (around.size() <= kMaxAround || i * kMaxAround / around.size() != (i + 1) * kMaxAround / around.size())
+      if (around.size() <= kMaxAround ||
+          i * kMaxAround / around.size() != (i + 1) * kMaxAround / around.size())
         pick.insert(around[i]);
-    for (size_t i = 0; i < kEvenPoints && npoints > 0; i++) pick.insert(1 + i * (npoints - 1) / (kEvenPoints - 1));
+    for (size_t i = 0; i < kEvenPoints && npoints > 0; i++)
+      pick.insert(1 + i * (npoints - 1) / (kEvenPoints - 1));
     pick.insert(npoints);
     return std::vector<size_t>(pick.begin(), pick.end());
   }
 
   // The subsets of the pending ops to try at one point: first the process kill (all).
-  std::vector<std::pair<std::string, std::vector<bool>>> Variants(size_t k, size_t n, bool small_point) {
+  std::vector<std::pair<std::string, std::vector<bool>>> Variants(size_t k, size_t n,
+                                                                  bool small_point) {
     std::vector<std::pair<std::string, std::vector<bool>>> v;
     v.emplace_back("process kill", std::vector<bool>(n, true));
     if (n == 0) return v;
-    v.emplace_back("power loss, none of " + std::to_string(n) + " pending ops", std::vector<bool>(n, false));
+    v.emplace_back("power loss, none of " + std::to_string(n) + " pending ops",
+                   std::vector<bool>(n, false));
     const bool ex = Exhaustive();
     if (n >= 2) {
       std::mt19937_64 rng(std::hash<std::string_view>()(c_.name) * 1000003 + k);
@@ -401,8 +418,8 @@ class EnumRunner {
         std::vector<bool> keep(n);
         size_t kept = 0;
         for (size_t i = 0; i < n; i++) kept += keep[i] = rng() % 2;
-        v.emplace_back("power loss, random subset " + std::to_string(r) + " (" + std::to_string(kept) + " of " +
-                           std::to_string(n) + " pending ops kept)",
+        v.emplace_back("power loss, random subset " + std::to_string(r) + " (" +
+                           std::to_string(kept) + " of " + std::to_string(n) + " pending ops kept)",
                        keep);
       }
     }
@@ -410,7 +427,9 @@ class EnumRunner {
       for (size_t j = 0; j < n; j++) {
         std::vector<bool> keep(n, true);
         keep[j] = false;
-        v.emplace_back("power loss, all pending ops but #" + std::to_string(j) + " of " + std::to_string(n), keep);
+        v.emplace_back(
+            "power loss, all pending ops but #" + std::to_string(j) + " of " + std::to_string(n),
+            keep);
       }
     }
     return v;
@@ -421,7 +440,11 @@ class EnumRunner {
     if (log_.SyncPos(npoints) + 1 < log_.ops().size()) npoints++;  // ops after the last sync
     stats_.points = npoints;
     std::vector<PointInfo> info = Classify(npoints);
-    for (size_t k = 1; k <= npoints; k++) stats_.structural += info[k].Structural();
+    for (size_t k = 1; k <= npoints; k++) {
+      stats_.structural += info[k].Structural();
+      stats_.kinds |= info[k].kinds;
+      stats_.new_kinds |= info[k].new_kinds;
+    }
     std::set<std::pair<uint64_t, size_t>> seen;
     CrashStates states(log_);
     std::vector<std::unique_ptr<MemDevice>> st;
@@ -450,14 +473,17 @@ class EnumRunner {
         std::string why = CheckImage(files_);
         if (why.empty()) continue;
         stats_.failed++;
-        std::string where = std::string(c_.name) + " sync point " + std::to_string(k) + "/" + std::to_string(npoints) +
-                            " (host op " + std::to_string(pos) + "), " + what;
+        std::string where = std::string(c_.name) + " sync point " + std::to_string(k) + "/" +
+                            std::to_string(npoints) + " (host op " + std::to_string(pos) + "), " +
+                            what;
         stats_.failed_points.push_back(std::to_string(k) + " " + what);
         if (stats_.failed <= kMaxFailureReports)
           FAIL_CHECK("crash at " << where << "\n  ops before this sync: " << info[k].Describe()
-                                 << "\n  ops before the previous sync: " << (k > 1 ? info[k - 1].Describe() : "-")
+                                 << "\n  ops before the previous sync: "
+                                 << (k > 1 ? info[k - 1].Describe() : "-")
                                  << "\n  guest ops acknowledged: " << model_->acked_ops()
-                                 << ", unacknowledged that may have landed: " << model_->unacked_ops() << "\n"
+                                 << ", unacknowledged that may have landed: "
+                                 << model_->unacked_ops() << "\n"
                                  << why);
       }
     }
@@ -483,32 +509,40 @@ class EnumRunner {
     const uint64_t size = img->Size();
     std::vector<uint8_t>& got = got_;
     got.resize(size);
-    if (Status s = img->Read(0, got.data(), size); !s.ok()) return "read after reopen: " + s.ToString();
-    if (std::string why = model_->Check(got.data(), size); !why.empty()) return "after reopen: " + why;
+    if (Status s = img->Read(0, got.data(), size); !s.ok())
+      return "read after reopen: " + s.ToString();
+    if (std::string why = model_->Check(got.data(), size); !why.empty())
+      return "after reopen: " + why;
     const uint64_t cs = c_.cluster_size;
-    const std::pair<uint64_t, uint64_t> more[] = {
-        {0, std::min(size, cs / 2 + 100)}, {size / 2 + cs + 7, std::min<uint64_t>(cs, 5000)}, {size - 2 * cs, 2 * cs}};
+    const std::pair<uint64_t, uint64_t> more[] = {{0, std::min(size, cs / 2 + 100)},
+                                                  {size / 2 + cs + 7, std::min<uint64_t>(cs, 5000)},
+                                                  {size - 2 * cs, 2 * cs}};
     for (int j = 0; j < 3; j++) {
       auto [off, len] = more[j];
       std::memset(&got[off], 0xe0 + j, len);
-      if (Status s = img->Write(off, &got[off], len); !s.ok()) return "write after reopen: " + s.ToString();
+      if (Status s = img->Write(off, &got[off], len); !s.ok())
+        return "write after reopen: " + s.ToString();
     }
     if (Status s = img->Flush(); !s.ok()) return "flush after reopen: " + s.ToString();
     if (Status s = img->Close(); !s.ok()) return "close after reopen: " + s.ToString();
     img.reset();
     // A dirty image had its refcounts rebuilt: exact, so no leaks either.
-    if (std::string why = QemuCheck("after reopen, writes and close", true, false, dirty); !why.empty()) return why;
+    if (std::string why = QemuCheck("after reopen, writes and close", true, false, dirty);
+        !why.empty())
+      return why;
     std::string raw = dir_.File("check.raw");
-    testing::CmdResult cv = testing::RunCommand({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", img_, raw});
+    testing::CmdResult cv =
+        testing::RunCommand({"qemu-img", "convert", "-f", "qcow2", "-O", "raw", img_, raw});
     if (cv.exit_code != 0) return "qemu-img convert failed: " + cv.err;
     std::vector<uint8_t>& back = back_;
     ReadFileInto(raw, &back);
-    if (back.size() != got.size()) return "qemu-img reads " + std::to_string(back.size()) + " bytes after close";
+    if (back.size() != got.size())
+      return "qemu-img reads " + std::to_string(back.size()) + " bytes after close";
     if (std::memcmp(back.data(), got.data(), size) == 0) return "";
     for (uint64_t i = 0; i < size; i++)
       if (back[i] != got[i])
-        return "after reopen, writes and close qemu-img reads guest byte " + std::to_string(i) + " as " +
-               std::to_string(back[i]) + ", expected " + std::to_string(got[i]);
+        return "after reopen, writes and close qemu-img reads guest byte " + std::to_string(i) +
+               " as " + std::to_string(back[i]) + ", expected " + std::to_string(got[i]);
     return "";
   }
 
@@ -522,12 +556,15 @@ class EnumRunner {
 
   void Report() {
     const Stats& s = stats_;
-    MESSAGE("crash enum " << std::string(c_.name) << std::string(Exhaustive() ? " (exhaustive)" : "") << ": " << s.points
-                          << " sync points (" << s.structural << " structural), " << s.checked_points
-                          << " checked, " << s.images << " crash images (" << s.duplicates << " duplicates skipped, "
-                          << s.dirty << " dirty; qemu-img check found leaks in " << s.leaks << " before and "
+    MESSAGE("crash enum " << std::string(c_.name)
+                          << std::string(Exhaustive() ? " (exhaustive)" : "") << ": " << s.points
+                          << " sync points (" << s.structural << " structural), "
+                          << s.checked_points << " checked, " << s.images << " crash images ("
+                          << s.duplicates << " duplicates skipped, " << s.dirty
+                          << " dirty; qemu-img check found leaks in " << s.leaks << " before and "
                           << s.leaks_after << " after the reopen), " << s.failed
-                          << " failed");
+                          << " failed; metadata written: " << testing::MetaKindNames(s.kinds)
+                          << ", new: " << testing::MetaKindNames(s.new_kinds));
     if (s.failed > 0) {
       std::string list;
       for (const auto& p : s.failed_points) list += "\n  " + p;
@@ -553,54 +590,95 @@ void RunCase(const EnumCase& c) { EnumRunner(c).Run(); }
 // refcount-table cluster 4096, so new refcount blocks come every few writes and the table
 // moves once the file passes 2 MiB; the resize grows (and moves) the L1 table.
 TEST_CASE("crash enum: c512-rc64 (new refblocks; reftable growth and move; L1 growth)") {
-  RunCase(EnumCase{.name = "c512-rc64", .cluster_size = 512, .refcount_bits = 64, .size = 4 * MiB,
-                   .prefill = 1900 * KiB, .resize = true, .rounds = 6, .burst = 10, .max_write = 24 * KiB});
+  RunCase(EnumCase{.name = "c512-rc64",
+                   .cluster_size = 512,
+                   .refcount_bits = 64,
+                   .size = 4 * MiB,
+                   .prefill = 1900 * KiB,
+                   .resize = true,
+                   .rounds = 6,
+                   .burst = 10,
+                   .max_write = 24 * KiB});
 }
 
 TEST_CASE("crash enum: c4k-rc16-snapshot (snapshot COW; a new refblock)") {
   // Data up to just below 8 MiB of host file: the COW copies need the second refcount block.
-  RunCase(EnumCase{.name = "c4k-rc16-snapshot", .cluster_size = 4 * KiB, .refcount_bits = 16, .size = 16 * MiB,
-                   .setup = Setup::kSnapshot, .prefill = 8 * MiB - 160 * KiB});
+  RunCase(EnumCase{.name = "c4k-rc16-snapshot",
+                   .cluster_size = 4 * KiB,
+                   .refcount_bits = 16,
+                   .size = 16 * MiB,
+                   .setup = Setup::kSnapshot,
+                   .prefill = 8 * MiB - 160 * KiB});
 }
 
 TEST_CASE("crash enum: c4k-rc16-compressed (compressed rewrites)") {
-  RunCase(EnumCase{.name = "c4k-rc16-compressed", .cluster_size = 4 * KiB, .refcount_bits = 16, .size = 8 * MiB,
+  RunCase(EnumCase{.name = "c4k-rc16-compressed",
+                   .cluster_size = 4 * KiB,
+                   .refcount_bits = 16,
+                   .size = 8 * MiB,
                    .setup = Setup::kCompressed});
 }
 
 TEST_CASE("crash enum: c64k-rc1 (discard and reuse)") {
-  RunCase(EnumCase{.name = "c64k-rc1", .cluster_size = 64 * KiB, .refcount_bits = 1, .size = 16 * MiB,
-                   .rounds = 5, .max_write = 256 * KiB});
+  RunCase(EnumCase{.name = "c64k-rc1",
+                   .cluster_size = 64 * KiB,
+                   .refcount_bits = 1,
+                   .size = 16 * MiB,
+                   .rounds = 5,
+                   .max_write = 256 * KiB});
 }
 
 TEST_CASE("crash enum: c64k-extl2 (zero clusters and subclusters)") {
-  RunCase(EnumCase{.name = "c64k-extl2", .cluster_size = 64 * KiB, .refcount_bits = 16, .size = 16 * MiB,
-                   .opts = "extended_l2=on", .max_write = 256 * KiB});
+  RunCase(EnumCase{.name = "c64k-extl2",
+                   .cluster_size = 64 * KiB,
+                   .refcount_bits = 16,
+                   .size = 16 * MiB,
+                   .opts = "extended_l2=on",
+                   .max_write = 256 * KiB});
 }
 
 TEST_CASE("crash enum: c4k-lazy (lazy refcounts; repair at reopen; L1 growth)") {
-  RunCase(EnumCase{.name = "c4k-lazy", .cluster_size = 4 * KiB, .refcount_bits = 16, .size = 8 * MiB,
-                   .opts = "lazy_refcounts=on", .resize = true});
+  RunCase(EnumCase{.name = "c4k-lazy",
+                   .cluster_size = 4 * KiB,
+                   .refcount_bits = 16,
+                   .size = 8 * MiB,
+                   .opts = "lazy_refcounts=on",
+                   .resize = true});
 }
 
 TEST_CASE("crash enum: c512-rc16-lazy (lazy refcounts; many refblocks)") {
-  RunCase(EnumCase{.name = "c512-rc16-lazy", .cluster_size = 512, .refcount_bits = 16, .size = 2 * MiB,
-                   .opts = "lazy_refcounts=on", .max_write = 16 * KiB});
+  RunCase(EnumCase{.name = "c512-rc16-lazy",
+                   .cluster_size = 512,
+                   .refcount_bits = 16,
+                   .size = 2 * MiB,
+                   .opts = "lazy_refcounts=on",
+                   .max_write = 16 * KiB});
 }
 
 TEST_CASE("crash enum: c4k-datafile (external data file)") {
-  RunCase(EnumCase{.name = "c4k-datafile", .cluster_size = 4 * KiB, .refcount_bits = 16, .size = 8 * MiB,
+  RunCase(EnumCase{.name = "c4k-datafile",
+                   .cluster_size = 4 * KiB,
+                   .refcount_bits = 16,
+                   .size = 8 * MiB,
                    .data_file = true});
 }
 
 TEST_CASE("crash enum: c4k-datafile-raw (external data file; data_file_raw=on)") {
-  RunCase(EnumCase{.name = "c4k-datafile-raw", .cluster_size = 4 * KiB, .refcount_bits = 16, .size = 8 * MiB,
-                   .data_file = true, .data_file_raw = true});
+  RunCase(EnumCase{.name = "c4k-datafile-raw",
+                   .cluster_size = 4 * KiB,
+                   .refcount_bits = 16,
+                   .size = 8 * MiB,
+                   .data_file = true,
+                   .data_file_raw = true});
 }
 
 TEST_CASE("crash enum: c2m-rc16 (2 MiB clusters)") {
-  RunCase(EnumCase{.name = "c2m-rc16", .cluster_size = 2 * MiB, .refcount_bits = 16, .size = 32 * MiB,
-                   .rounds = 2, .max_write = 3 * MiB});
+  RunCase(EnumCase{.name = "c2m-rc16",
+                   .cluster_size = 2 * MiB,
+                   .refcount_bits = 16,
+                   .size = 32 * MiB,
+                   .rounds = 2,
+                   .max_write = 3 * MiB});
 }
 
 }  // namespace

@@ -45,18 +45,19 @@ std::string PreloadPath() {
   std::string p = env != nullptr ? env : "";
 #endif
   if (p.empty() || access(p.c_str(), R_OK) != 0)
-    qcowfs::testing::SkipOrFail("sync fault preload library not found (build qcowfs_sync_fault_preload): " + p);
+    qcowfs::testing::SkipOrFail(
+        "sync fault preload library not found (build qcowfs_sync_fault_preload): " + p);
   return p;
 }
 
 struct KillCase {
   const char* name;
-  std::string opts;       // qemu-img create -o
+  std::string opts;  // qemu-img create -o
   uint64_t cluster_size;
-  uint64_t size;          // guest size
-  uint64_t prefill;       // bytes qemu-io writes first (toward a refcount-table boundary)
+  uint64_t size;     // guest size
+  uint64_t prefill;  // bytes qemu-io writes first (toward a refcount-table boundary)
   bool lazy = false;
-  int groups = 24;        // workload: groups of writes, each ended by an fsync
+  int groups = 24;  // workload: groups of writes, each ended by an fsync
   uint64_t max_write = 16 * qm::KiB;
 };
 
@@ -78,9 +79,15 @@ std::vector<Step> MakeWorkload(const KillCase& c) {
     for (int i = 0; i < n; i++) {
       uint64_t len;
       switch (rng() % 3) {
-        case 0: len = 512 * (1 + rng() % 8); break;
-        case 1: len = cs * (1 + rng() % 4); break;
-        default: len = 1 + rng() % c.max_write; break;
+        case 0:
+          len = 512 * (1 + rng() % 8);
+          break;
+        case 1:
+          len = cs * (1 + rng() % 4);
+          break;
+        default:
+          len = 1 + rng() % c.max_write;
+          break;
       }
       uint64_t off = rng() % 2 ? prev_end + (rng() % 2) * cs : rng() % (c.size - len);
       if (rng() % 2) off &= ~(cs - 1);
@@ -96,7 +103,8 @@ std::vector<Step> MakeWorkload(const KillCase& c) {
 // Whether our child pid has exited, without collecting it (MountGuard collects it).
 bool ExitedNoReap(pid_t pid) {
   siginfo_t si{};
-  return waitid(P_PID, static_cast<id_t>(pid), &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid;
+  return waitid(P_PID, static_cast<id_t>(pid), &si, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+         si.si_pid == pid;
 }
 
 struct Counts {
@@ -125,16 +133,18 @@ class SyncKillRunner {
     REQUIRE(chk.exit_code == 0);
     std::vector<uint8_t> got = Convert(img_);
     REQUIRE(got == model_->current());
-    MESSAGE(std::string(c_.name) << ": the workload makes " << r.end.syncs - r.mounted.syncs << " host syncs ("
-                    << r.unmounted.syncs - r.end.syncs << " more at unmount) and " << r.end.writes
-                    << " host writes, " << steps_.size() << " steps");
+    MESSAGE(std::string(c_.name) << ": the workload makes " << r.end.syncs - r.mounted.syncs
+                                 << " host syncs (" << r.unmounted.syncs - r.end.syncs
+                                 << " more at unmount) and " << r.end.writes << " host writes, "
+                                 << steps_.size() << " steps");
   }
 
   // SIGKILL at every N (long mode), or in CI at the syncs inside the fsyncs that wrote
   // metadata (more than two syncs: data, refcount blocks, L2 tables, L1 and refcount
   // table, header), at most kMaxInner of them, plus a few spread over the rest.
   void KillAtSyncs() {
-    const long long first = calib_.mounted.syncs + 1, last = calib_.end.syncs, after = calib_.unmounted.syncs;
+    const long long first = calib_.mounted.syncs + 1, last = calib_.end.syncs,
+                    after = calib_.unmounted.syncs;
     std::set<long long> ns;
     if (LongMode()) {
       for (long long n = first; n <= after; n++) ns.insert(n);
@@ -148,7 +158,8 @@ class SyncKillRunner {
       }
       constexpr size_t kMaxInner = 24;
       for (size_t i = 0; i < inner.size(); i++)
-        if (inner.size() <= kMaxInner || i * kMaxInner / inner.size() != (i + 1) * kMaxInner / inner.size())
+        if (inner.size() <= kMaxInner ||
+            i * kMaxInner / inner.size() != (i + 1) * kMaxInner / inner.size())
           ns.insert(inner[i]);
       for (int i = 0; i < 6; i++) ns.insert(first + i * (last - first) / 5);
       for (long long n = last + 1; n <= after && n <= last + 2; n++) ns.insert(n);
@@ -162,10 +173,12 @@ class SyncKillRunner {
         CHECK_MESSAGE(qm::Contains(r.why, "status 137"), r.why);
         died++;
       }
-      CHECK_MESSAGE(r.why.empty() == (n > after), "kill at sync " << n << " of " << after << ": " << r.why);
+      CHECK_MESSAGE(r.why.empty() == (n > after),
+                    "kill at sync " << n << " of " << after << ": " << r.why);
       VerifyAndReuse("kill at sync " + std::to_string(n));
     }
-    MESSAGE(std::string(c_.name) << ": SIGKILL at " << ns.size() << " sync points (" << died << " killed the daemon)");
+    MESSAGE(std::string(c_.name) << ": SIGKILL at " << ns.size() << " sync points (" << died
+                                 << " killed the daemon)");
   }
 
   // Syncs failing with EIO, or host writes failing with ENOSPC, from the N-th on: the
@@ -182,7 +195,8 @@ class SyncKillRunner {
       CHECK_FALSE(qm::Contains(r.why, "still running"));
       VerifyAndReuse(std::string(var) + "=" + std::to_string(n));
     }
-    MESSAGE(std::string(c_.name) << ": " << std::string(var) << " at " << count << " points, " << failed << " runs saw an I/O error");
+    MESSAGE(std::string(c_.name) << ": " << std::string(var) << " at " << count << " points, "
+                                 << failed << " runs saw an I/O error");
   }
 
   // What the run without faults counted after the mount and after the workload.
@@ -220,8 +234,9 @@ class SyncKillRunner {
     o.env["QCOWFS_FAULT_SYNC_COUNT_FILE"] = count_;
     // An ASan daemon wants its runtime first in the library list; the preload comes first.
     const char* asan = getenv("ASAN_OPTIONS");
-    o.env["ASAN_OPTIONS"] = std::string(asan != nullptr && *asan != '\0' ? std::string(asan) + ":" : "") +
-                            "verify_asan_link_order=0";
+    o.env["ASAN_OPTIONS"] =
+        std::string(asan != nullptr && *asan != '\0' ? std::string(asan) + ":" : "") +
+        "verify_asan_link_order=0";
     for (const auto& [k, v] : faults) o.env[k] = v;
     model_ = std::make_unique<AckModel>(initial_);
     Round r;
@@ -281,7 +296,8 @@ class SyncKillRunner {
       REQUIRE_MOUNTED(g);
       qm::Fd fd(mp_, O_RDWR);
       REQUIRE(fd.valid());
-      const std::pair<uint64_t, uint64_t> more[] = {{0, 4096 + 100}, {c_.size - 3 * c_.cluster_size, 2 * c_.cluster_size}};
+      const std::pair<uint64_t, uint64_t> more[] = {
+          {0, 4096 + 100}, {c_.size - 3 * c_.cluster_size, 2 * c_.cluster_size}};
       for (int j = 0; j < 2; j++) {
         auto [off, len] = more[j];
         std::memset(&got[off], 0xe0 + j, len);
@@ -301,8 +317,8 @@ class SyncKillRunner {
   KillCase c_;
   std::vector<Step> steps_;
   qm::Scratch s_;
-  std::string pristine_ = s_.File("pristine.qcow2"), img_ = s_.File("img.qcow2"), raw_ = s_.File("img.raw"),
-              count_ = s_.File("sync-count"), mp_ = s_.FileMountpoint();
+  std::string pristine_ = s_.File("pristine.qcow2"), img_ = s_.File("img.qcow2"),
+              raw_ = s_.File("img.raw"), count_ = s_.File("sync-count"), mp_ = s_.FileMountpoint();
   std::string preload_;
   std::vector<uint8_t> initial_;
   std::unique_ptr<AckModel> model_;
@@ -356,11 +372,13 @@ TEST_CASE("sync kill: c4k-lazy SIGKILL at the Nth host fdatasync (lazy refcounts
 TEST_CASE("sync kill: c512-rc64 host fdatasync fails with EIO from the Nth on") {
   SyncKillRunner r(k512);
   r.Prepare();
-  r.FailFrom("QCOWFS_FAULT_FAIL_SYNC_AFTER", r.mounted().syncs + 1, r.end().syncs, LongMode() ? 12 : 4);
+  r.FailFrom("QCOWFS_FAULT_FAIL_SYNC_AFTER", r.mounted().syncs + 1, r.end().syncs,
+             LongMode() ? 12 : 4);
 }
 
 TEST_CASE("sync kill: c512-rc64 host writes fail with ENOSPC from the Nth on") {
   SyncKillRunner r(k512);
   r.Prepare();
-  r.FailFrom("QCOWFS_FAULT_ENOSPC_WRITE_AFTER", r.mounted().writes + 1, r.end().writes, LongMode() ? 12 : 4);
+  r.FailFrom("QCOWFS_FAULT_ENOSPC_WRITE_AFTER", r.mounted().writes + 1, r.end().writes,
+             LongMode() ? 12 : 4);
 }
