@@ -265,8 +265,9 @@ class SyncKillRunner {
       (void)fd.Close();
     }
     r.end = ReadCounts();
-    // A failure means the daemon is dying (or reported an injected error and lives on).
-    if (r.failed) qm::WaitFor([&] { return ExitedNoReap(g.pid()); }, 2000);
+    // Under a kill fault, a failure means the daemon is dying (other faults: it lives on).
+    if (r.failed && faults.count("QCOWFS_FAULT_KILL_AT_SYNC"))
+      qm::WaitFor([&] { return ExitedNoReap(g.pid()); }, 10000);
     if (ExitedNoReap(g.pid())) {
       // The daemon is gone and its mount stale: unmount it, then collect the daemon.
       qm::RunTimed({"fusermount3", "-u", mp_}, qm::WithTimeout(15000));
@@ -373,12 +374,12 @@ TEST_CASE("sync kill: c512-rc64 host fdatasync fails with EIO from the Nth on") 
   SyncKillRunner r(k512);
   r.Prepare();
   r.FailFrom("QCOWFS_FAULT_FAIL_SYNC_AFTER", r.mounted().syncs + 1, r.end().syncs,
-             LongMode() ? 12 : 4);
+             LongMode() ? 16 : 6);
 }
 
 TEST_CASE("sync kill: c512-rc64 host writes fail with ENOSPC from the Nth on") {
   SyncKillRunner r(k512);
   r.Prepare();
   r.FailFrom("QCOWFS_FAULT_ENOSPC_WRITE_AFTER", r.mounted().writes + 1, r.end().writes,
-             LongMode() ? 12 : 4);
+             LongMode() ? 16 : 6);
 }
