@@ -586,100 +586,45 @@ class EnumRunner {
 
 void RunCase(const EnumCase& c) { EnumRunner(c).Run(); }
 
-// 512-byte clusters, 64-bit refcounts: a refcount block covers 64 clusters and the first
-// refcount-table cluster 4096, so new refcount blocks come every few writes and the table
-// moves once the file passes 2 MiB; the resize grows (and moves) the L1 table.
-TEST_CASE("crash enum: c512-rc64 (new refblocks; reftable growth and move; L1 growth)") {
-  RunCase(EnumCase{.name = "c512-rc64",
-                   .cluster_size = 512,
-                   .refcount_bits = 64,
-                   .size = 4 * MiB,
-                   .prefill = 1900 * KiB,
-                   .resize = true,
-                   .rounds = 6,
-                   .burst = 10,
-                   .max_write = 24 * KiB});
-}
+// The cases: what each sets beyond the defaults of EnumCase.
+// c512-rc64: a refcount block covers 64 clusters and the first refcount-table cluster 4096,
+// so new refcount blocks come every few writes, and the table moves once the file passes
+// 2 MiB (the prefill brings it close); the resize moves the L1 table.
+// c4k-rc16-snapshot: data up to just below 8 MiB of host file, so the COW copies need the
+// second refcount block.
+// clang-format off
+const EnumCase kC512Rc64{.name = "c512-rc64", .cluster_size = 512, .refcount_bits = 64, .size = 4 * MiB,
+                         .prefill = 1900 * KiB, .resize = true, .rounds = 6, .burst = 10, .max_write = 24 * KiB};
+const EnumCase kC4kSnapshot{.name = "c4k-rc16-snapshot", .cluster_size = 4 * KiB, .refcount_bits = 16,
+                            .size = 16 * MiB, .setup = Setup::kSnapshot, .prefill = 8 * MiB - 160 * KiB};
+const EnumCase kC4kCompressed{.name = "c4k-rc16-compressed", .cluster_size = 4 * KiB, .refcount_bits = 16,
+                              .size = 8 * MiB, .setup = Setup::kCompressed};
+const EnumCase kC64kRc1{.name = "c64k-rc1", .cluster_size = 64 * KiB, .refcount_bits = 1, .size = 16 * MiB,
+                        .rounds = 5, .max_write = 256 * KiB};
+const EnumCase kC64kExtL2{.name = "c64k-extl2", .cluster_size = 64 * KiB, .refcount_bits = 16, .size = 16 * MiB,
+                          .opts = "extended_l2=on", .max_write = 256 * KiB};
+const EnumCase kC4kLazy{.name = "c4k-lazy", .cluster_size = 4 * KiB, .refcount_bits = 16, .size = 8 * MiB,
+                        .opts = "lazy_refcounts=on", .resize = true};
+const EnumCase kC512Lazy{.name = "c512-rc16-lazy", .cluster_size = 512, .refcount_bits = 16, .size = 2 * MiB,
+                         .opts = "lazy_refcounts=on", .max_write = 16 * KiB};
+const EnumCase kC4kDataFile{.name = "c4k-datafile", .cluster_size = 4 * KiB, .refcount_bits = 16,
+                            .size = 8 * MiB, .data_file = true};
+const EnumCase kC4kDataFileRaw{.name = "c4k-datafile-raw", .cluster_size = 4 * KiB, .refcount_bits = 16,
+                               .size = 8 * MiB, .data_file = true, .data_file_raw = true};
+const EnumCase kC2m{.name = "c2m-rc16", .cluster_size = 2 * MiB, .refcount_bits = 16, .size = 32 * MiB,
+                    .rounds = 2, .max_write = 3 * MiB};
 
-TEST_CASE("crash enum: c4k-rc16-snapshot (snapshot COW; a new refblock)") {
-  // Data up to just below 8 MiB of host file: the COW copies need the second refcount block.
-  RunCase(EnumCase{.name = "c4k-rc16-snapshot",
-                   .cluster_size = 4 * KiB,
-                   .refcount_bits = 16,
-                   .size = 16 * MiB,
-                   .setup = Setup::kSnapshot,
-                   .prefill = 8 * MiB - 160 * KiB});
-}
-
-TEST_CASE("crash enum: c4k-rc16-compressed (compressed rewrites)") {
-  RunCase(EnumCase{.name = "c4k-rc16-compressed",
-                   .cluster_size = 4 * KiB,
-                   .refcount_bits = 16,
-                   .size = 8 * MiB,
-                   .setup = Setup::kCompressed});
-}
-
-TEST_CASE("crash enum: c64k-rc1 (discard and reuse)") {
-  RunCase(EnumCase{.name = "c64k-rc1",
-                   .cluster_size = 64 * KiB,
-                   .refcount_bits = 1,
-                   .size = 16 * MiB,
-                   .rounds = 5,
-                   .max_write = 256 * KiB});
-}
-
-TEST_CASE("crash enum: c64k-extl2 (zero clusters and subclusters)") {
-  RunCase(EnumCase{.name = "c64k-extl2",
-                   .cluster_size = 64 * KiB,
-                   .refcount_bits = 16,
-                   .size = 16 * MiB,
-                   .opts = "extended_l2=on",
-                   .max_write = 256 * KiB});
-}
-
-TEST_CASE("crash enum: c4k-lazy (lazy refcounts; repair at reopen; L1 growth)") {
-  RunCase(EnumCase{.name = "c4k-lazy",
-                   .cluster_size = 4 * KiB,
-                   .refcount_bits = 16,
-                   .size = 8 * MiB,
-                   .opts = "lazy_refcounts=on",
-                   .resize = true});
-}
-
-TEST_CASE("crash enum: c512-rc16-lazy (lazy refcounts; many refblocks)") {
-  RunCase(EnumCase{.name = "c512-rc16-lazy",
-                   .cluster_size = 512,
-                   .refcount_bits = 16,
-                   .size = 2 * MiB,
-                   .opts = "lazy_refcounts=on",
-                   .max_write = 16 * KiB});
-}
-
-TEST_CASE("crash enum: c4k-datafile (external data file)") {
-  RunCase(EnumCase{.name = "c4k-datafile",
-                   .cluster_size = 4 * KiB,
-                   .refcount_bits = 16,
-                   .size = 8 * MiB,
-                   .data_file = true});
-}
-
-TEST_CASE("crash enum: c4k-datafile-raw (external data file; data_file_raw=on)") {
-  RunCase(EnumCase{.name = "c4k-datafile-raw",
-                   .cluster_size = 4 * KiB,
-                   .refcount_bits = 16,
-                   .size = 8 * MiB,
-                   .data_file = true,
-                   .data_file_raw = true});
-}
-
-TEST_CASE("crash enum: c2m-rc16 (2 MiB clusters)") {
-  RunCase(EnumCase{.name = "c2m-rc16",
-                   .cluster_size = 2 * MiB,
-                   .refcount_bits = 16,
-                   .size = 32 * MiB,
-                   .rounds = 2,
-                   .max_write = 3 * MiB});
-}
+TEST_CASE("crash enum: c512-rc64 (new refblocks; reftable growth and move; L1 growth)") { RunCase(kC512Rc64); }
+TEST_CASE("crash enum: c4k-rc16-snapshot (snapshot COW; a new refblock)") { RunCase(kC4kSnapshot); }
+TEST_CASE("crash enum: c4k-rc16-compressed (compressed rewrites)") { RunCase(kC4kCompressed); }
+TEST_CASE("crash enum: c64k-rc1 (discard and reuse)") { RunCase(kC64kRc1); }
+TEST_CASE("crash enum: c64k-extl2 (zero clusters and subclusters)") { RunCase(kC64kExtL2); }
+TEST_CASE("crash enum: c4k-lazy (lazy refcounts; repair at reopen; L1 growth)") { RunCase(kC4kLazy); }
+TEST_CASE("crash enum: c512-rc16-lazy (lazy refcounts; many refblocks)") { RunCase(kC512Lazy); }
+TEST_CASE("crash enum: c4k-datafile (external data file)") { RunCase(kC4kDataFile); }
+TEST_CASE("crash enum: c4k-datafile-raw (external data file; data_file_raw=on)") { RunCase(kC4kDataFileRaw); }
+TEST_CASE("crash enum: c2m-rc16 (2 MiB clusters)") { RunCase(kC2m); }
+// clang-format on
 
 }  // namespace
 }  // namespace qcowfs::qcow2
