@@ -132,6 +132,24 @@ uint64_t Hash(const std::vector<uint8_t>& b, uint64_t h) {
   return (h ^ b.size()) * 0x9e3779b97f4a7c15ull;
 }
 
+// Logs errors only while it lives, then restores the level it found.
+class QuietLog {
+ public:
+  QuietLog() {
+    for (LogLevel l : {LogLevel::kDebug, LogLevel::kInfo, LogLevel::kWarn, LogLevel::kError}) {
+      if (LogEnabled(l)) {
+        saved_ = l;
+        break;
+      }
+    }
+    SetLogLevel(LogLevel::kError);
+  }
+  ~QuietLog() { SetLogLevel(saved_); }
+
+ private:
+  LogLevel saved_ = LogLevel::kError;
+};
+
 // ---- one case ------------------------------------------------------------------------
 
 struct Stats {
@@ -174,7 +192,7 @@ class EnumRunner {
         data_(dir_.File("img.data")) {}
 
   void Run() {
-    SetLogLevel(LogLevel::kError);  // every reopen of a lazy image warns that it rebuilds
+    QuietLog quiet;  // every reopen of a lazy image warns that it rebuilds the refcounts
     testing::RequireTool("qemu-img");
     testing::RequireTool("qemu-io");
     BuildImage();
