@@ -10,9 +10,10 @@
 
 namespace qcowfs::testing {
 
-TempDir::TempDir(const std::string& prefix) {
-  const char* base = getenv("TMPDIR");
-  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/" + prefix + ".XXXXXX";
+TempDir::TempDir(const std::string& prefix, const std::string& base) {
+  const char* env = getenv("TMPDIR");
+  std::string dir = !base.empty() ? base : env && *env ? env : "/tmp";
+  std::string tmpl = dir + "/" + prefix + ".XXXXXX";
   std::vector<char> buf(tmpl.begin(), tmpl.end());
   buf.push_back('\0');
   if (mkdtemp(buf.data()) == nullptr) {

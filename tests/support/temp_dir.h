@@ -1,5 +1,5 @@
-// TempDir: a fresh directory under $TMPDIR (or /tmp), removed with its contents on
-// destruction.
+// TempDir: a fresh directory under $TMPDIR (or /tmp, or a given base directory), removed
+// with its contents on destruction.
 #pragma once
 
 #include <string>
@@ -8,8 +8,9 @@ namespace qcowfs::testing {
 
 class TempDir {
  public:
-  // Aborts the test binary if the directory cannot be made.
-  explicit TempDir(const std::string& prefix = "qcowfs-test");
+  // Aborts the test binary if the directory cannot be made. A non-empty base replaces
+  // $TMPDIR (e.g. a tmpfs for tests that fdatasync a lot).
+  explicit TempDir(const std::string& prefix = "qcowfs-test", const std::string& base = "");
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
