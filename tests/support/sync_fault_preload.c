@@ -8,6 +8,8 @@
  *                                      before survives in the page cache, the sync does not
  *                                      complete (a process kill at that sync point).
  *   QCOWFS_FAULT_FAIL_SYNC_AFTER=N     syncs from the N-th on fail with EIO (not synced).
+ *   QCOWFS_FAULT_FAIL_SYNC_ONCE=N      only the N-th sync fails with EIO; later ones work
+ *                                      (a host whose writeback failed once).
  *   QCOWFS_FAULT_ENOSPC_WRITE_AFTER=N  pwrite/pwritev from the N-th on fail with ENOSPC
  *                                      (nothing written).
  *   QCOWFS_FAULT_SYNC_COUNT_FILE=PATH  when a counted sync or write starts, PATH is rewritten
@@ -33,6 +35,7 @@
 
 static long long kill_at_sync = -1;
 static long long fail_sync_after = -1;
+static long long fail_sync_once = -1;
 static long long enospc_write_after = -1;
 static int count_fd = -1;
 static atomic_llong syncs;
@@ -50,6 +53,7 @@ static long long env_ll(const char* name) {
 __attribute__((constructor)) static void init(void) {
   kill_at_sync = env_ll("QCOWFS_FAULT_KILL_AT_SYNC");
   fail_sync_after = env_ll("QCOWFS_FAULT_FAIL_SYNC_AFTER");
+  fail_sync_once = env_ll("QCOWFS_FAULT_FAIL_SYNC_ONCE");
   enospc_write_after = env_ll("QCOWFS_FAULT_ENOSPC_WRITE_AFTER");
   const char* path = getenv("QCOWFS_FAULT_SYNC_COUNT_FILE");
   if (path != NULL && *path != '\0') count_fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
@@ -87,7 +91,7 @@ static int before_sync(int fd) {
   long long n = atomic_fetch_add(&syncs, 1) + 1;
   report();
   if (kill_at_sync > 0 && n == kill_at_sync) raise(SIGKILL);
-  if (fail_sync_after > 0 && n >= fail_sync_after) {
+  if ((fail_sync_after > 0 && n >= fail_sync_after) || (fail_sync_once > 0 && n == fail_sync_once)) {
     errno = EIO;
     return -1;
   }

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "integration/stress/sync_fault.h"
 #include "integration/mount/mount_guard.h"
 #include "support/ack_model.h"
 #include "support/crash_check.h"
@@ -37,18 +38,7 @@ bool LongMode() {
   return false;
 }
 
-std::string PreloadPath() {
-  const char* env = getenv("QCOWFS_SYNC_FAULT_PRELOAD");
-#ifdef QCOWFS_SYNC_FAULT_PRELOAD
-  std::string p = env != nullptr && *env != '\0' ? env : QCOWFS_SYNC_FAULT_PRELOAD;
-#else
-  std::string p = env != nullptr ? env : "";
-#endif
-  if (p.empty() || access(p.c_str(), R_OK) != 0)
-    qcowfs::testing::SkipOrFail(
-        "sync fault preload library not found (build qcowfs_sync_fault_preload): " + p);
-  return p;
-}
+std::string PreloadPath() { return qcowfs::testing::SyncFaultPreloadPath(); }
 
 struct KillCase {
   const char* name;
@@ -230,13 +220,8 @@ class SyncKillRunner {
     std::filesystem::copy_file(pristine_, img_, std::filesystem::copy_options::overwrite_existing);
     ::unlink(count_.c_str());
     qm::RunOpts o;
-    o.env["LD_PRELOAD"] = preload_;
+    qcowfs::testing::AddSyncFaultPreload(&o.env, preload_);
     o.env["QCOWFS_FAULT_SYNC_COUNT_FILE"] = count_;
-    // An ASan daemon wants its runtime first in the library list; the preload comes first.
-    const char* asan = getenv("ASAN_OPTIONS");
-    o.env["ASAN_OPTIONS"] =
-        std::string(asan != nullptr && *asan != '\0' ? std::string(asan) + ":" : "") +
-        "verify_asan_link_order=0";
     for (const auto& [k, v] : faults) o.env[k] = v;
     model_ = std::make_unique<AckModel>(initial_);
     Round r;
