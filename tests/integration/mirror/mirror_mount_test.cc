@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "integration/mirror/mirror_rig.h"
 #include "integration/mount/mount_guard.h"
 
 using namespace qcowfs::testing;
@@ -18,30 +19,6 @@ using namespace qcowfs::testing::mount;
 
 namespace {
 
-struct MirrorRig {
-  Scratch s;
-  std::string img = s.File("src.qcow2"), mp = s.FileMountpoint(), sock = s.File("ctl.sock");
-
-  CmdResult Mirror(const std::vector<std::string>& args, int timeout_ms = 60000) {
-    std::vector<std::string> argv = {Bin(), "mirror"};
-    argv.push_back(args[0]);
-    argv.insert(argv.end(), {"--socket", sock});
-    argv.insert(argv.end(), args.begin() + 1, args.end());
-    return RunTimed(argv, WithTimeout(timeout_ms));
-  }
-  CmdResult MustMirror(const std::vector<std::string>& args) {
-    CmdResult r = Mirror(args);
-    INFO(Describe(args, r));
-    REQUIRE(r.exit_code == 0);
-    return r;
-  }
-  std::string Job(const std::string& json) {
-    std::string f = s.File("job" + std::to_string(n_++) + ".json");
-    WriteFileText(f, json);
-    return f;
-  }
-  int n_ = 0;
-};
 
 // Writes random data at random offsets through fd until stop; every write is kept in
 // the model of what the mount must read.

@@ -10,45 +10,17 @@
 #include <string>
 #include <vector>
 
+#include "integration/mirror/mirror_rig.h"
 #include "integration/mount/mount_guard.h"
 #include "support/nbd_servers.h"
 
 using namespace qcowfs::testing;
 using namespace qcowfs::testing::mount;
 
-namespace {
-
-struct Rig {
-  Scratch s;
-  std::string img = s.File("src.qcow2"), mp = s.FileMountpoint(), sock = s.File("ctl.sock");
-  int n = 0;
-  CmdResult Mirror(std::vector<std::string> args, int timeout_ms = 60000) {
-    std::vector<std::string> argv = {Bin(), "mirror", args[0], "--socket", sock};
-    argv.insert(argv.end(), args.begin() + 1, args.end());
-    return RunTimed(argv, WithTimeout(timeout_ms));
-  }
-  CmdResult MustMirror(std::vector<std::string> args) {
-    CmdResult r = Mirror(args);
-    INFO(Describe(args, r));
-    REQUIRE(r.exit_code == 0);
-    return r;
-  }
-  std::string Job(const std::string& json) {
-    std::string f = s.File("job" + std::to_string(n++) + ".json");
-    WriteFileText(f, json);
-    return f;
-  }
-  std::string JobState(const std::string& id) {
-    auto j = nlohmann::json::parse(MustMirror({"status", id, "--json"}).out);
-    return j["state"].get<std::string>() + (j["error"].get<std::string>().empty() ? "" : ": " + j["error"].get<std::string>());
-  }
-};
-
-}  // namespace
 
 TEST_CASE("mirror nbd: qemu-nbd target: a punch reaches it as zeros; --no-pivot leaves an exact copy") {
   RequireMountTools();
-  Rig r;
+  MirrorRig r;
   QemuImgCreate(r.img, "16M");
   QemuIo(r.img, {"write -P 0x11 0 8M"});
   std::string dst = r.s.File("nbd.raw");
@@ -76,7 +48,7 @@ TEST_CASE("mirror nbd: qemu-nbd target: a punch reaches it as zeros; --no-pivot 
 
 TEST_CASE("mirror nbd: pivot onto qemu-nbd: the source is unlocked, later writes land in the export") {
   RequireMountTools();
-  Rig r;
+  MirrorRig r;
   QemuImgCreate(r.img, "8M");
   QemuIo(r.img, {"write -P 0x21 0 2M"});
   std::string dst = r.s.File("nbd.raw");
@@ -107,7 +79,7 @@ TEST_CASE("mirror nbd: pivot onto qemu-nbd: the source is unlocked, later writes
 TEST_CASE("mirror nbd: nbdkit on 127.0.0.1 with an nbd:// URI, then pivot") {
   RequireMountTools();
   RequireTool("nbdkit");
-  Rig r;
+  MirrorRig r;
   QemuImgCreate(r.img, "8M");
   QemuIo(r.img, {"write -P 0x31 1M 3M"});
   int port = FreePort();
@@ -129,7 +101,7 @@ TEST_CASE("mirror nbd: nbdkit on 127.0.0.1 with an nbd:// URI, then pivot") {
 TEST_CASE("mirror nbd: a paused server under write-blocking fails the job, never the guest") {
   RequireMountTools();
   RequireTool("nbdkit");
-  Rig r;
+  MirrorRig r;
   QemuImgCreate(r.img, "8M");
   QemuIo(r.img, {"write -P 0x41 0 1M"});
   std::string nsock = r.s.File("nbdkit.sock"), ctl = r.s.File("pause.ctl");
@@ -168,7 +140,7 @@ TEST_CASE("mirror nbd: injected EIO and a full target fail the job with the caus
                {"full plugin", {"full", "8M"}, "No space left"}};
   for (const auto& c : cases) {
     INFO(c.name);
-    Rig r;
+    MirrorRig r;
     QemuImgCreate(r.img, "8M");
     QemuIo(r.img, {"write -P 0x51 0 4M"});
     std::string nsock = r.s.File("nbdkit.sock");
@@ -193,7 +165,7 @@ TEST_CASE("mirror nbd: injected EIO and a full target fail the job with the caus
 
 TEST_CASE("mirror nbd: a closed port or a wrong-size export is refused with one line naming target.nbd") {
   RequireMountTools();
-  Rig r;
+  MirrorRig r;
   QemuImgCreate(r.img, "8M");
   std::string small = r.s.File("small.raw");
   Must({"qemu-img", "create", "-q", "-f", "raw", small, "4M"});

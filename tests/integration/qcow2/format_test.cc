@@ -23,6 +23,7 @@
 
 #include "block/block_device.h"
 #include "qcow2/image.h"
+#include "support/image_files.h"
 #include "support/must.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
@@ -179,25 +180,8 @@ bool JsonBool(const std::string& json, const std::string& key) {
 }
 
 // Header field access (big endian) on the image file.
-uint64_t ReadBE64At(const std::string& path, uint64_t off) {
-  int fd = open(path.c_str(), O_RDONLY);
-  REQUIRE(fd >= 0);
-  uint8_t b[8];
-  REQUIRE(pread(fd, b, 8, static_cast<off_t>(off)) == 8);
-  close(fd);
-  uint64_t v = 0;
-  for (int i = 0; i < 8; ++i) v = (v << 8) | b[i];
-  return v;
-}
-
-void WriteBE64At(const std::string& path, uint64_t off, uint64_t v) {
-  int fd = open(path.c_str(), O_WRONLY);
-  REQUIRE(fd >= 0);
-  uint8_t b[8];
-  for (int i = 7; i >= 0; --i, v >>= 8) b[i] = static_cast<uint8_t>(v);
-  REQUIRE(pwrite(fd, b, 8, static_cast<off_t>(off)) == 8);
-  close(fd);
-}
+uint64_t ReadBE64At(const std::string& path, uint64_t off) { return qcowfs::testing::FileBE64(path, off); }
+void WriteBE64At(const std::string& path, uint64_t off, uint64_t v) { qcowfs::testing::SetFileBE64(path, off, v); }
 
 constexpr uint64_t kIncompatOff = 72, kAutoclearOff = 88;
 
