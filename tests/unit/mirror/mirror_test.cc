@@ -179,10 +179,15 @@ void StaleCopyRace(bool cor, bool unsafe) {
   std::thread reader;
   std::vector<uint8_t> got(64 * KiB);
   if (cor) {
-    // The scan must have marked chunk 48 dirty first, or the read is a plain read.
-    for (int i = 0; i < 2000 && job->Report().bytes_total < 4 * MiB; i++)
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    REQUIRE(job->Report().bytes_total == 4 * MiB);
+    // The scan must have marked chunk 48 dirty, and the one copy worker must have done its
+    // first operation (it then waits for the speed budget): otherwise the read is a plain
+    // read (nothing dirty yet, or buf_size taken by the copy in flight).
+    auto settled = [&] {
+      auto rep = job->Report();
+      return rep.bytes_total == 4 * MiB && rep.bytes_done > 0;
+    };
+    for (int i = 0; i < 4000 && !settled(); i++) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    REQUIRE(settled());
     reader = std::thread([&] { REQUIRE(r.filter.Read(at, got.data(), got.size()).ok()); });
   }
   REQUIRE(r.hold.WaitHeld());
