@@ -98,9 +98,9 @@ Status MirrorJob::ScanSource() {
       MutexLock l(&mu_);
       if (stop_) return Status::Ok();
     }
-    ASSIGN_OR_RETURN(block::BlockStatus bs, source_->GetBlockStatus(pos, size_ - pos));
+    ASSIGN_OR_RETURN(block::BlockStatus bs, PlanExtent(pos, size_ - pos, true));
     uint64_t end = std::min(size_, pos + std::max<uint64_t>(bs.length, 1));
-    bool copy = bs.type == block::ExtentType::kData || !target_.known_zero;
+    bool copy = bs.type != block::ExtentType::kUnallocated;
     if (copy) {
       MutexLock l(&mu_);
       uint64_t c0 = pos / g_, c1 = (end + g_ - 1) / g_;
@@ -114,6 +114,19 @@ Status MirrorJob::ScanSource() {
 
 // --- copying
 
+Result<block::BlockStatus> MirrorJob::PlanExtent(uint64_t off, uint64_t len, bool first_scan) {
+  // Sync "top": a range the source's layer does not allocate is never written on the
+  // target either (with a backing file, nothing the guest does deallocates a range).
+  if (top_) return top_(off, len);
+  ASSIGN_OR_RETURN(block::BlockStatus bs, source_->GetBlockStatus(off, len));
+  // Sync "full": the target must read what the guest reads. Zeros and holes become
+  // write-zeroes; only the first scan skips them on a target known to read zeros (later,
+  // a dirty chunk may hold data the job copied before).
+  if (bs.type != block::ExtentType::kData)
+    bs.type = first_scan && target_.known_zero ? block::ExtentType::kUnallocated : block::ExtentType::kZero;
+  return bs;
+}
+
 Status MirrorJob::WriteTarget(uint64_t off, uint64_t len, const uint8_t* data) {
   // Zeros go out as write-zeroes that may unmap, never as data and never as TRIM alone.
   if (!data || AllZero(data, len)) return target_.dev->WriteZeroes(off, len, true);
@@ -123,9 +136,11 @@ Status MirrorJob::WriteTarget(uint64_t off, uint64_t len, const uint8_t* data) {
 Status MirrorJob::CopyChunks(uint64_t first, uint64_t n, std::vector<uint8_t>* buf) {
   uint64_t pos = first * g_, end = std::min(size_, (first + n) * g_);
   while (pos < end) {
-    ASSIGN_OR_RETURN(block::BlockStatus bs, source_->GetBlockStatus(pos, end - pos));
+    ASSIGN_OR_RETURN(block::BlockStatus bs, PlanExtent(pos, end - pos, false));
     uint64_t ext_end = std::min(end, pos + std::max<uint64_t>(bs.length, 1));
-    if (bs.type == block::ExtentType::kData) {
+    if (bs.type == block::ExtentType::kUnallocated) {
+      // Nothing to write.
+    } else if (bs.type == block::ExtentType::kData) {
       for (uint64_t p = pos; p < ext_end;) {
         uint64_t len = std::min<uint64_t>(ext_end - p, kMaxOpBytes);
         buf->resize(std::max<uint64_t>(buf->size(), len));

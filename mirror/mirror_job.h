@@ -58,6 +58,12 @@ class MirrorJob {
   MirrorJob(const MirrorJob&) = delete;
   MirrorJob& operator=(const MirrorJob&) = delete;
 
+  // sync "top" of a source with a backing file: `top` reports what the source's own layer
+  // allocates. Only those ranges are copied (data, or zeros that hide the backing file);
+  // the rest is left to the target's backing file, the same base. Before Start().
+  using StatusFn = std::function<Result<block::BlockStatus>(uint64_t off, uint64_t len)>;
+  void set_top_only(StatusFn top) { top_ = std::move(top); }
+
   // Attaches to the filter (guest writes are recorded from here on) and starts copying.
   void Start();
 
@@ -90,6 +96,9 @@ class MirrorJob {
   void Worker();
   Status ScanSource();
   Status CopyChunks(uint64_t first, uint64_t n, std::vector<uint8_t>* buf);
+  // What to do with the first extent of [off, off+len): kData copy, kZero write zeroes,
+  // kUnallocated skip (the target reads the same there already).
+  Result<block::BlockStatus> PlanExtent(uint64_t off, uint64_t len, bool first_scan);
   Status WriteTarget(uint64_t off, uint64_t len, const uint8_t* data);
   // Dirty & unclaimed run to copy next, at most max chunks (n == 0: none).
   std::pair<uint64_t, uint64_t> PickLocked(uint64_t max) REQUIRES(mu_);
@@ -106,6 +115,7 @@ class MirrorJob {
   MirrorFilter* const filter_;
   block::BlockDevice* const source_;
   Target target_;
+  StatusFn top_;  // set: sync "top"
   const uint64_t size_;
   const uint64_t chunks_;
   const uint64_t max_op_chunks_;

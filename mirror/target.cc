@@ -49,6 +49,24 @@ Result<Target> OpenTarget(const config::MirrorTarget& t, const SourceInfo& src, 
   bool exists = ::access(p.c_str(), F_OK) == 0;
   if (t.existing && !exists) return Refuse("target.path", p, "does not exist (\"existing\": true needs the file)");
   if (!t.existing && exists) return Refuse("target.path", p, "already exists (set \"existing\": true to use it)");
+  std::string backing = src.top_backing, backing_format = src.top_backing_format;
+  if (!t.backing.empty()) {
+    if (src.top_backing.empty())
+      return Refuse("target.backing", t.backing,
+                    "the source has no backing file (sync \"top\" then copies everything; leave target.backing out)");
+    // Stored as given; a relative name is relative to the target's directory.
+    std::string dir = p.rfind('/') == std::string::npos ? "." : p.substr(0, std::max<size_t>(1, p.rfind('/')));
+    std::string rp = t.backing[0] == '/' ? t.backing : dir + "/" + t.backing;
+    int fd = ::open(rp.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Refuse("target.backing", t.backing, strerror(errno));
+    uint8_t magic[4] = {};
+    ssize_t got = ::pread(fd, magic, 4, 0);
+    ::close(fd);
+    if (!src.files.empty() && SameFile(rp, src.files[0]))
+      return Refuse("target.backing", t.backing, "is the source image itself");
+    backing = t.backing;
+    backing_format = got == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb ? "qcow2" : "raw";
+  }
   bool created = false;
   auto undo = [&](Status s) -> Status {
     if (created) ::unlink(p.c_str());
@@ -59,6 +77,8 @@ Result<Target> OpenTarget(const config::MirrorTarget& t, const SourceInfo& src, 
       qcow2::CreateOptions co;
       co.size = src.size;
       co.cluster_bits = src.cluster_bits;
+      co.backing_file = backing;
+      co.backing_format = backing_format;
       Status s = qcow2::CreateFile(p, co);
       if (!s.ok()) return Refuse("target.path", p, s.message());
     } else {
@@ -73,7 +93,7 @@ Result<Target> OpenTarget(const config::MirrorTarget& t, const SourceInfo& src, 
       }
     }
     created = true;
-    out.known_zero = true;
+    out.known_zero = backing.empty();  // with a backing file it reads the base
   }
   if (qcow2) {
     qcow2::OpenOptions o;

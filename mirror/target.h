@@ -18,6 +18,10 @@ struct SourceInfo {
   uint64_t size = 0;
   uint32_t cluster_bits = 16;
   std::vector<std::string> files;  // the image and every file of its backing chain (absolute)
+  // Sync "top": the new qcow2 target's backing file, stored in its header as given
+  // (relative to the target's directory), and its format. Empty: no backing file.
+  std::string top_backing;
+  std::string top_backing_format;
 };
 
 Result<Target> OpenTarget(const config::MirrorTarget& t, const SourceInfo& src, uint32_t timeout_s);

@@ -84,8 +84,6 @@ class Jobs {
     } else if (auto* old = Find(job.id); old && Running(*old)) {
       return Status::Invalid("id: job " + job.id + " is still running");
     }
-    if (job.sync == config::MirrorJobConfig::Sync::kTop)
-      return Status::NotSupported("sync: \"top\" is not implemented yet; use \"full\"");
     const auto& geo = m->image->geometry();
     uint64_t g = job.granularity;
     if (g == 0) g = std::clamp<uint64_t>(geo.cluster_size, 4096, 65536);
@@ -95,8 +93,20 @@ class Jobs {
     src.cluster_bits = geo.cluster_bits;
     src.files.push_back(m->path);
     for (const auto& f : m->image->BackingFiles()) src.files.push_back(Absolute(f));
+    // Sync "top" of an image with a backing file: the new target gets the same base (or
+    // target.backing) and only what the top layer allocates is copied. Without a backing
+    // file "top" is "full".
+    const bool top = job.sync == config::MirrorJobConfig::Sync::kTop && m->image->backing() && src.files.size() > 1;
+    if (top) {
+      src.top_backing = src.files[1];
+      src.top_backing_format = dynamic_cast<qcow2::Qcow2Image*>(m->image->backing()) ? "qcow2" : "raw";
+    }
     ASSIGN_OR_RETURN(mirror::Target target, mirror::OpenTarget(job.target, src, job.target_timeout_s));
     auto j = std::make_unique<mirror::MirrorJob>(job, g, job.image, m->filter.get(), m->image.get(), std::move(target));
+    if (top) {
+      qcow2::Qcow2Image* img = m->image.get();
+      j->set_top_only([img](uint64_t off, uint64_t len) { return img->GetTopBlockStatus(off, len); });
+    }
     j->Start();
     std::string report = config::MirrorReportToJson(j->Report());
     // A finished job of the same id is replaced.

@@ -93,6 +93,10 @@ class Qcow2Image final : public block::BlockDevice {
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
   Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
+  // This layer only (a mirror's sync "top"): kData and kZero where this image allocates
+  // the range (data, or a zero flag that hides the backing file), kUnallocated where the
+  // backing file (or nothing) decides.
+  Result<block::BlockStatus> GetTopBlockStatus(uint64_t offset, uint64_t len);
   uint64_t Size() const override { return size_.load(); }
   Status Resize(uint64_t new_size) override;
   // Preallocation: unallocated clusters get a host cluster marked as reading zeros
@@ -132,6 +136,7 @@ class Qcow2Image final : public block::BlockDevice {
               std::set<std::string>* chain);
   Status OpenBacking(const std::string& dir, std::set<std::string>* chain) NO_THREAD_SAFETY_ANALYSIS;
   Status LoadSnapshots();
+  Result<block::BlockStatus> BlockStatusOf(uint64_t offset, uint64_t len, bool top_only);
   Status RebuildRefcounts() EXCLUDES(meta_mu_);
   Status CountReferences(bool with_refcounts, std::vector<uint64_t>* counts, std::map<uint64_t, uint64_t>* beyond,
                          uint64_t limit) REQUIRES(meta_mu_);

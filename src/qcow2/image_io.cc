@@ -597,6 +597,14 @@ Status Qcow2Image::Flush() {
 }
 
 Result<block::BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t len) {
+  return BlockStatusOf(offset, len, false);
+}
+
+Result<block::BlockStatus> Qcow2Image::GetTopBlockStatus(uint64_t offset, uint64_t len) {
+  return BlockStatusOf(offset, len, true);
+}
+
+Result<block::BlockStatus> Qcow2Image::BlockStatusOf(uint64_t offset, uint64_t len, bool top_only) {
   if (offset >= Size()) return Status::Invalid(name_ + ": block status beyond the end");
   len = std::min<uint64_t>(len, Size() - offset);
   // One L2 table's span at most per call: a walk over the image stays linear.
@@ -627,7 +635,7 @@ Result<block::BlockStatus> Qcow2Image::GetBlockStatus(uint64_t offset, uint64_t 
     uint64_t bsize = backing_->Size();
     uint64_t n = first.len;
     for (size_t i = 1; i < ext.size() && ext[i].kind == Extent::kBacking; i++) n += ext[i].len;
-    if (offset >= bsize) return block::BlockStatus{block::ExtentType::kUnallocated, n};
+    if (top_only || offset >= bsize) return block::BlockStatus{block::ExtentType::kUnallocated, n};
     ASSIGN_OR_RETURN(auto bs, backing_->GetBlockStatus(offset, std::min(n, bsize - offset)));
     if (bs.type == block::ExtentType::kZero) bs.type = block::ExtentType::kUnallocated;
     return bs;
