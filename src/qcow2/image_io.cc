@@ -624,12 +624,14 @@ Result<block::BlockStatus> Qcow2Image::BlockStatusOf(uint64_t offset, uint64_t l
     switch (k) {
       case Extent::kData:
       case Extent::kCompressed: return block::ExtentType::kData;
-      case Extent::kZero:
-      case Extent::kInvalid: return block::ExtentType::kZero;
+      case Extent::kZero: return block::ExtentType::kZero;
       default: return block::ExtentType::kUnallocated;
     }
   };
   const Extent& first = ext.front();
+  // What a read there would fail with (EIO), never reported as zeros: a mirror copying it
+  // must fail, not write zeros.
+  if (first.kind == Extent::kInvalid) return InvalidEntry(first.guest / geo_.cluster_size, first.host != 0);
   if (first.kind == Extent::kBacking) {
     // Unallocated here: the backing chain decides (past its end: zeros).
     uint64_t bsize = backing_->Size();
@@ -643,7 +645,7 @@ Result<block::BlockStatus> Qcow2Image::BlockStatusOf(uint64_t offset, uint64_t l
   block::ExtentType t = kind_of(first.kind);
   uint64_t n = 0;
   for (const Extent& e : ext) {
-    if (kind_of(e.kind) != t || e.kind == Extent::kBacking) break;
+    if (kind_of(e.kind) != t || e.kind == Extent::kBacking || e.kind == Extent::kInvalid) break;
     n += e.len;
   }
   return block::BlockStatus{t, n};

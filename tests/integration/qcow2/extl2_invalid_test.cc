@@ -145,6 +145,10 @@ TEST_CASE("extended L2: invalid subcluster bitmaps read as EIO, as in QEMU, and 
             CHECK(s.err() == EIO);
             CHECK(s.message().find(img) != std::string::npos);
           }
+          // Block status says the same (a mirror would otherwise copy it as zeros).
+          auto bs = r.value()->GetBlockStatus(off, 2 * KiB);
+          CHECK_MESSAGE(!bs.ok(), "block status reported an invalid cluster as readable");
+          if (!bs.ok()) CHECK(bs.status().err() == EIO);
         } else {
           REQUIRE_MESSAGE(s.ok(), s.message());
           // Valid: the bytes QEMU reads (qemu-io checks the pattern).
