@@ -73,6 +73,17 @@ void MirrorJob::MarkDirtyLocked(uint64_t first, uint64_t n) {
   bytes_total_ += (dirty_.count() - before) * g_;
 }
 
+void MirrorJob::NoteCopiedLocked(uint64_t bytes) {
+  copied_data_ += bytes;
+  auto now = std::chrono::steady_clock::now();
+  double dt = std::chrono::duration<double>(now - rate_mark_).count();
+  if (dt >= 1.0) {
+    rate_bps_ = static_cast<uint64_t>((copied_data_ - rate_mark_bytes_) / dt);
+    rate_mark_ = now;
+    rate_mark_bytes_ = copied_data_;
+  }
+}
+
 void MirrorJob::FailLocked(const Status& s) {
   if (state_ == JobState::kRunning || state_ == JobState::kReady) {
     state_ = JobState::kFailed;
@@ -223,7 +234,7 @@ void MirrorJob::Worker() {
     inflight_bytes_ -= n * g_;
     if (s.ok()) {
       bytes_done_ += n * g_;
-      copied_data_ += bytes;
+      NoteCopiedLocked(bytes);
     } else {
       dirty_.Add(c, n);
       FailLocked(s);
@@ -337,7 +348,7 @@ Status MirrorJob::GuestRead(block::BlockDevice* src, uint64_t off, void* buf, si
       dirty_.Add(c, n);
     } else {
       bytes_done_ += n * g_;
-      copied_data_ += ChunkBytes(c, n);
+      NoteCopiedLocked(ChunkBytes(c, n));
     }
   }
   if (!ts.ok()) FailLocked(TargetError(ts));
@@ -514,8 +525,13 @@ config::MirrorReport MirrorJob::Report() const {
   r.bytes_total = std::max(bytes_total_, bytes_done_);
   r.dirty_bytes = dirty_.count() * g_;
   r.speed = speed_;
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
-  r.speed_bps = secs > 0 ? static_cast<uint64_t>(copied_data_ / secs) : 0;
+  // The last full second's rate; after two quiet seconds (or in the first), what was
+  // copied since the last mark over the time since it, which falls off when copying stops.
+  double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - rate_mark_).count();
+  if (rate_mark_ != started_ && dt < 2.0)
+    r.speed_bps = rate_bps_;
+  else
+    r.speed_bps = dt > 0 ? static_cast<uint64_t>((copied_data_ - rate_mark_bytes_) / dt) : 0;
   r.actively_synced = state_ == JobState::kReady &&
                       (cfg_.mode == config::MirrorJobConfig::Mode::kWriteBlocking || completing_);
   r.error = error_;

@@ -104,6 +104,7 @@ class MirrorJob {
   std::pair<uint64_t, uint64_t> PickLocked(uint64_t max) REQUIRES(mu_);
   void FailLocked(const Status& s) REQUIRES(mu_);
   void MarkDirtyLocked(uint64_t first, uint64_t n) REQUIRES(mu_);
+  void NoteCopiedLocked(uint64_t bytes) REQUIRES(mu_);
   bool QuiescentLocked() const REQUIRES(mu_) { return dirty_.empty() && claimed_.empty(); }
   uint64_t ChunkBytes(uint64_t first, uint64_t n) const;
   void Detach();
@@ -141,6 +142,10 @@ class MirrorJob {
   uint64_t bytes_done_ GUARDED_BY(mu_) = 0;
   uint64_t bytes_total_ GUARDED_BY(mu_) = 0;
   uint64_t copied_data_ GUARDED_BY(mu_) = 0;  // for speed_bps
+  // speed_bps is the rate of the last second or two, not the job's lifetime average.
+  std::chrono::steady_clock::time_point rate_mark_ GUARDED_BY(mu_) = started_;
+  uint64_t rate_mark_bytes_ GUARDED_BY(mu_) = 0;
+  uint64_t rate_bps_ GUARDED_BY(mu_) = 0;
   std::atomic<bool> pivoted_{false};
   bool target_closed_ = false;  // coordinator / CloseTarget only
   std::atomic<bool> unsafe_clear_after_read_{false};
