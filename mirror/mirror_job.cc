@@ -10,6 +10,8 @@ namespace qcowfs::mirror {
 namespace {
 
 constexpr uint64_t kMaxOpBytes = 1ull << 20;  // one copy operation: at most 1 MiB (or a chunk)
+// A run of zeros goes out as one write-zeroes of up to this much (it needs no buffer).
+constexpr uint64_t kMaxZeroBytes = 1ull << 30;
 
 bool AllZero(const uint8_t* p, uint64_t n) {
   return n == 0 || (p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0);
@@ -146,27 +148,67 @@ Status MirrorJob::WriteTarget(uint64_t off, uint64_t len, const uint8_t* data) {
 
 Status MirrorJob::CopyChunks(uint64_t first, uint64_t n, std::vector<uint8_t>* buf) {
   uint64_t pos = first * g_, end = std::min(size_, (first + n) * g_);
+  // Adjacent zero extents (the source reports at most one L2 table's span at a time) go
+  // out as one write-zeroes.
+  uint64_t zero_from = pos, zero_to = pos;
+  auto flush_zeros = [&]() -> Status {
+    if (zero_to > zero_from) {
+      Status s = WriteTarget(zero_from, zero_to - zero_from, nullptr);
+      if (!s.ok()) return TargetError(s);
+    }
+    zero_from = zero_to = pos;
+    return Status::Ok();
+  };
   while (pos < end) {
     ASSIGN_OR_RETURN(block::BlockStatus bs, PlanExtent(pos, end - pos, false));
     uint64_t ext_end = std::min(end, pos + std::max<uint64_t>(bs.length, 1));
-    if (bs.type == block::ExtentType::kUnallocated) {
-      // Nothing to write.
-    } else if (bs.type == block::ExtentType::kData) {
-      for (uint64_t p = pos; p < ext_end;) {
-        uint64_t len = std::min<uint64_t>(ext_end - p, kMaxOpBytes);
-        buf->resize(std::max<uint64_t>(buf->size(), len));
-        RETURN_IF_ERROR(source_->Read(p, buf->data(), len));
-        Status s = WriteTarget(p, len, buf->data());
-        if (!s.ok()) return TargetError(s);
-        p += len;
-      }
+    if (bs.type == block::ExtentType::kZero) {
+      if (zero_to != pos) RETURN_IF_ERROR(flush_zeros());
+      zero_to = ext_end;
     } else {
-      Status s = WriteTarget(pos, ext_end - pos, nullptr);
-      if (!s.ok()) return TargetError(s);
+      RETURN_IF_ERROR(flush_zeros());
+      if (bs.type == block::ExtentType::kData) {
+        for (uint64_t p = pos; p < ext_end;) {
+          uint64_t len = std::min<uint64_t>(ext_end - p, kMaxOpBytes);
+          buf->resize(std::max<uint64_t>(buf->size(), len));
+          RETURN_IF_ERROR(source_->Read(p, buf->data(), len));
+          Status s = WriteTarget(p, len, buf->data());
+          if (!s.ok()) return TargetError(s);
+          p += len;
+        }
+      }  // kUnallocated: nothing to write
     }
     pos = ext_end;
   }
-  return Status::Ok();
+  return flush_zeros();
+}
+
+uint64_t MirrorJob::ClaimZeroRun(uint64_t first, uint64_t n) {
+  // Unlocked: how far the zero (or skipped) extent at the claimed run's start reaches.
+  const uint64_t from = first * g_, limit = std::min(size_, from + kMaxZeroBytes);
+  uint64_t reach = from;
+  block::ExtentType type = block::ExtentType::kData;
+  while (reach < limit) {
+    auto bs = PlanExtent(reach, limit - reach, false);
+    if (!bs.ok() || bs->type == block::ExtentType::kData || (reach > from && bs->type != type)) break;
+    type = bs->type;
+    reach = std::min(limit, reach + std::max<uint64_t>(bs->length, 1));
+  }
+  const uint64_t last = reach == size_ ? chunks_ : reach / g_;  // whole chunks only
+  if (last <= first + n) return 0;
+  // Claim the dirty, unclaimed chunks that follow, as one claim with the run; CopyChunks
+  // then looks at the source again (a guest write may have come in since) and writes
+  // what it finds, so the extent seen here is only a hint.
+  MutexLock l(&mu_);
+  if (stop_) return 0;
+  auto [dc, dn] = dirty_.NextRun(first + n, last - (first + n));
+  if (dn == 0 || dc != first + n) return 0;
+  auto [cc, cn] = claimed_.NextRun(dc, dn);
+  if (cn > 0 && cc < dc + dn) dn = cc - dc;
+  if (dn == 0) return 0;
+  claimed_.Add(dc, dn);
+  dirty_.Remove(dc, dn);  // before the source is looked at again, as for any claim
+  return dn;
 }
 
 std::pair<uint64_t, uint64_t> MirrorJob::PickLocked(uint64_t max) {
@@ -227,16 +269,18 @@ void MirrorJob::Worker() {
                    std::chrono::microseconds(bytes * 1000000 / speed_);
     }
     mu_.Unlock();
-    Status s = CopyChunks(c, n, &buf);
+    // A long run of zeros needs no buffer: one claim and one write-zeroes for all of it.
+    const uint64_t extra = late ? 0 : ClaimZeroRun(c, n);
+    Status s = CopyChunks(c, n + extra, &buf);
     mu_.Lock();
     if (late) dirty_.Remove(c, n);
-    claimed_.Remove(c, n);
+    claimed_.Remove(c, n + extra);
     inflight_bytes_ -= n * g_;
     if (s.ok()) {
-      bytes_done_ += n * g_;
-      NoteCopiedLocked(bytes);
+      bytes_done_ += (n + extra) * g_;
+      NoteCopiedLocked(bytes + ChunkBytes(c + n, extra));
     } else {
-      dirty_.Add(c, n);
+      dirty_.Add(c, n + extra);
       FailLocked(s);
     }
     cv_.SignalAll();

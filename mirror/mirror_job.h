@@ -96,6 +96,10 @@ class MirrorJob {
   void Worker();
   Status ScanSource();
   Status CopyChunks(uint64_t first, uint64_t n, std::vector<uint8_t>* buf);
+  // After claiming [first, first+n): if the source reads zeros from there on past the
+  // run, claims the dirty, unclaimed chunks that follow (up to 1 GiB in all) and returns
+  // how many.
+  uint64_t ClaimZeroRun(uint64_t first, uint64_t n) EXCLUDES(mu_);
   // What to do with the first extent of [off, off+len): kData copy, kZero write zeroes,
   // kUnallocated skip (the target reads the same there already).
   Result<block::BlockStatus> PlanExtent(uint64_t off, uint64_t len, bool first_scan);

@@ -67,6 +67,7 @@ std::vector<uint8_t> Contents(block::BlockDevice* d, uint64_t off, uint64_t len)
 
 // A source device whose armed read completes on the lower device and then waits for
 // Release(): the caller holds data read before anything that happens meanwhile.
+// ArmStatus does the same for the next block-status query.
 class ReadThenHold final : public block::ForwardingDevice {
  public:
   using ForwardingDevice::ForwardingDevice;
@@ -74,6 +75,21 @@ class ReadThenHold final : public block::ForwardingDevice {
     std::lock_guard<std::mutex> l(mu_);
     armed_ = true;
     off_ = off;
+  }
+  void ArmStatus() {
+    std::lock_guard<std::mutex> l(mu_);
+    status_armed_ = true;
+  }
+  Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override {
+    auto r = lower()->GetBlockStatus(offset, len);
+    std::unique_lock<std::mutex> l(mu_);
+    if (status_armed_) {
+      status_armed_ = false;
+      held_ = true;
+      cv_.notify_all();
+      cv_.wait(l, [&] { return released_; });
+    }
+    return r;
   }
   bool WaitHeld() {
     std::unique_lock<std::mutex> l(mu_);
@@ -99,7 +115,7 @@ class ReadThenHold final : public block::ForwardingDevice {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  bool armed_ = false, held_ = false, released_ = false;
+  bool armed_ = false, status_armed_ = false, held_ = false, released_ = false;
   uint64_t off_ = 0;
 };
 
@@ -252,6 +268,112 @@ TEST_CASE("mirror job: a target error fails the job, never the guest") {
   job.Cancel();
   CHECK(job.state() == JobState::kFailed);
   CHECK_FALSE(filter.has_job());
+}
+
+
+// Counts the target requests of each kind.
+class CountingTarget final : public block::ForwardingDevice {
+ public:
+  using ForwardingDevice::ForwardingDevice;
+  std::atomic<int> writes{0}, zeroes{0};
+  Status Write(uint64_t o, const void* b, size_t l) override {
+    writes++;
+    return lower()->Write(o, b, l);
+  }
+  Status WriteZeroes(uint64_t o, uint64_t l, bool unmap) override {
+    zeroes++;
+    return lower()->WriteZeroes(o, l, unmap);
+  }
+};
+
+// A target that is not known to read zeros (it holds 0xff everywhere), so every zero
+// range of the source must be written as zeros.
+std::unique_ptr<MirrorJob> JobOntoOldTarget(MirrorFilter* filter, block::BlockDevice* src, MemDevice* dst,
+                                            CountingTarget** counter, config::MirrorJobConfig::Mode mode,
+                                            uint64_t buf_size = 16 * MiB) {
+  std::vector<uint8_t> ff(dst->Size(), 0xff);
+  REQUIRE(dst->Write(0, ff.data(), ff.size()).ok());
+  config::MirrorJobConfig c;
+  c.id = "z";
+  c.mode = mode;
+  c.buf_size = buf_size;
+  auto ct = std::make_unique<CountingTarget>(dst);
+  *counter = ct.get();
+  Target t;
+  t.dev = std::move(ct);
+  t.desc = "mem";
+  return std::make_unique<MirrorJob>(c, 64 * KiB, "img", filter, src, std::move(t));
+}
+
+TEST_CASE("mirror job: a long zero range goes out as one write-zeroes, not one per chunk or MiB") {
+  MemDevice src(64 * MiB), dst(64 * MiB);
+  std::vector<uint8_t> a(1 * MiB, 0x31);
+  REQUIRE(src.Write(0, a.data(), a.size()).ok());
+  REQUIRE(src.Write(60 * MiB, a.data(), a.size()).ok());
+  MirrorFilter filter(&src);
+  CountingTarget* ct = nullptr;
+  auto job = JobOntoOldTarget(&filter, &src, &dst, &ct, config::MirrorJobConfig::Mode::kBackground);
+  job->Start();
+  REQUIRE(job->WaitReadyOrEnd(20000) == JobState::kReady);
+  // Two zero runs ([1M, 60M) and [61M, 64M)); several workers may split them at the
+  // copy's 1 MiB operations, but never chunk by chunk (62 one-MiB operations).
+  CHECK(ct->zeroes.load() <= 8);
+  job->Cancel();
+  CHECK(Contents(&dst, 0, 64 * MiB) == Contents(&src, 0, 64 * MiB));
+}
+
+TEST_CASE("mirror job: a guest write after the zero run was looked at, before it was claimed, is copied") {
+  // One worker (buf_size 1 MiB). Once ready, the guest zeroes [1M, 9M): the worker picks
+  // 1 MiB of it, looks at the source there (zeros to the end) and is held; the guest
+  // writes at 8M - 4K; released, the worker claims the rest up to 9M in one piece. It must
+  // look at the source again, not write the zeros it saw.
+  MemDevice src(32 * MiB), dst(32 * MiB);
+  std::vector<uint8_t> a(64 * KiB, 0x31);
+  REQUIRE(src.Write(0, a.data(), a.size()).ok());
+  ReadThenHold hold(&src);
+  MirrorFilter filter(&hold);
+  CountingTarget* ct = nullptr;
+  auto job = JobOntoOldTarget(&filter, &hold, &dst, &ct, config::MirrorJobConfig::Mode::kBackground, 1 * MiB);
+  job->Start();
+  REQUIRE(job->WaitReadyOrEnd(20000) == JobState::kReady);
+  hold.ArmStatus();
+  REQUIRE(filter.WriteZeroes(1 * MiB, 8 * MiB, true).ok());
+  REQUIRE(hold.WaitHeld());
+  std::vector<uint8_t> b(4096, 0x5e);
+  REQUIRE(filter.Write(8 * MiB - 4096, b.data(), b.size()).ok());
+  hold.Release();
+  REQUIRE(job->Complete(false).ok());
+  CHECK(Contents(&dst, 8 * MiB - 4096, 4096) == b);
+  CHECK(Contents(&dst, 0, 32 * MiB) == Contents(&src, 0, 32 * MiB));
+}
+
+TEST_CASE("mirror job: guest writes into a zero range being claimed in one piece are never lost") {
+  for (auto mode : {config::MirrorJobConfig::Mode::kBackground, config::MirrorJobConfig::Mode::kWriteBlocking}) {
+    for (int round = 0; round < 10; round++) {
+      CAPTURE(round);
+      MemDevice src(32 * MiB), dst(32 * MiB);
+      MirrorFilter filter(&src);
+      CountingTarget* ct = nullptr;
+      auto job = JobOntoOldTarget(&filter, &src, &dst, &ct, mode);
+      std::atomic<bool> stop{false};
+      std::thread w([&] {
+        std::mt19937_64 rng(round);
+        std::vector<uint8_t> b(8 * KiB);
+        while (!stop.load()) {
+          uint64_t off = (rng() % (32 * MiB - b.size())) & ~511ull;
+          std::fill(b.begin(), b.end(), static_cast<uint8_t>(rng() | 1));
+          REQUIRE(filter.Write(off, b.data(), b.size()).ok());
+        }
+      });
+      job->Start();
+      JobState st = job->WaitReadyOrEnd(20000);
+      stop = true;
+      w.join();
+      REQUIRE(st == JobState::kReady);
+      REQUIRE(job->Complete(false).ok());
+      CHECK(Contents(&dst, 0, 32 * MiB) == Contents(&src, 0, 32 * MiB));
+    }
+  }
 }
 
 }  // namespace
