@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <vector>
 
 #include "config/control_protocol.h"
 #include "util/log.h"
@@ -17,6 +19,8 @@ namespace qcowfs::daemon {
 namespace {
 
 constexpr size_t kMaxLine = 1 << 20;
+constexpr size_t kMaxClients = 64;
+constexpr auto kIdleTimeout = std::chrono::seconds(60);
 
 Status MakeAddr(const std::string& path, sockaddr_un* addr) {
   std::memset(addr, 0, sizeof(*addr));
@@ -82,49 +86,83 @@ void ControlServer::Stop() {
   }
 }
 
+// One thread serves every connection: poll() over the listening socket and the clients,
+// so a client that stays connected (a watcher polling status, or one that sent half a
+// line) never holds up another. Requests still run one at a time, in arrival order.
 void ControlServer::Loop() {
+  struct Client {
+    UniqueFd fd;
+    std::string buf;
+    std::chrono::steady_clock::time_point last;
+  };
+  std::vector<Client> clients;
+  std::vector<pollfd> fds;
   for (;;) {
-    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0) {
+    fds.clear();
+    fds.push_back({stop_r_.get(), POLLIN, 0});
+    fds.push_back({listen_fd_.get(), POLLIN, 0});
+    for (const auto& c : clients) fds.push_back({c.fd.get(), POLLIN, 0});
+    if (::poll(fds.data(), fds.size(), 1000) < 0) {
       if (errno == EINTR) continue;
       return;
     }
-    if (fds[1].revents) return;
-    if (fds[0].revents & POLLIN) {
+    if (fds[0].revents) return;
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<bool> drop(clients.size(), false);
+    for (size_t i = 0; i < clients.size(); i++) {
+      Client& c = clients[i];
+      short ev = fds[i + 2].revents;
+      if (ev == 0) {
+        drop[i] = now - c.last > kIdleTimeout;  // idle clients are dropped
+        continue;
+      }
+      char chunk[4096];
+      ssize_t n = ::read(c.fd.get(), chunk, sizeof(chunk));
+      if (n <= 0) {
+        drop[i] = !(n < 0 && (errno == EINTR || errno == EAGAIN));
+        continue;
+      }
+      c.last = now;
+      c.buf.append(chunk, static_cast<size_t>(n));
+      drop[i] = !ServeLines(c.fd.get(), &c.buf);
+    }
+    for (size_t i = clients.size(); i-- > 0;)
+      if (drop[i]) clients.erase(clients.begin() + static_cast<std::ptrdiff_t>(i));
+    if (fds[1].revents & POLLIN) {
       UniqueFd c(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-      if (c.valid()) Serve(c.get());
+      if (c.valid()) {
+        if (clients.size() >= kMaxClients) {
+          std::string reply = config::FormatErrorReply("too many control connections");
+          (void)!::write(c.get(), reply.data(), reply.size());
+        } else {
+          clients.push_back(Client{std::move(c), std::string(), std::chrono::steady_clock::now()});
+        }
+      }
     }
   }
 }
 
-void ControlServer::Serve(int fd) {
-  std::string buf;
-  char chunk[4096];
-  for (;;) {
-    pollfd pfd[2] = {{fd, POLLIN, 0}, {stop_r_.get(), POLLIN, 0}};
-    int r = ::poll(pfd, 2, 10000);  // idle clients are dropped after 10 s
-    if (r <= 0 || pfd[1].revents) return;
-    ssize_t n = ::read(fd, chunk, sizeof(chunk));
-    if (n <= 0) return;
-    buf.append(chunk, static_cast<size_t>(n));
-    size_t nl;
-    while ((nl = buf.find('\n')) != std::string::npos) {
-      std::string line = buf.substr(0, nl);
-      buf.erase(0, nl + 1);
-      std::string reply = Handle(line);
-      size_t off = 0;
-      while (off < reply.size()) {
-        ssize_t w = ::write(fd, reply.data() + off, reply.size() - off);
-        if (w <= 0) return;
-        off += static_cast<size_t>(w);
-      }
-    }
-    if (buf.size() > kMaxLine) {
-      std::string reply = config::FormatErrorReply("malformed request: line too long");
-      (void)!::write(fd, reply.data(), reply.size());
-      return;
+// Answers every whole line in *buf; false when the connection should be closed.
+bool ControlServer::ServeLines(int fd, std::string* buf) {
+  size_t nl;
+  while ((nl = buf->find('\n')) != std::string::npos) {
+    std::string line = buf->substr(0, nl);
+    buf->erase(0, nl + 1);
+    std::string reply = Handle(line);
+    size_t off = 0;
+    while (off < reply.size()) {
+      ssize_t w = ::write(fd, reply.data() + off, reply.size() - off);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) return false;
+      off += static_cast<size_t>(w);
     }
   }
+  if (buf->size() > kMaxLine) {
+    std::string reply = config::FormatErrorReply("malformed request: line too long");
+    (void)!::write(fd, reply.data(), reply.size());
+    return false;
+  }
+  return true;
 }
 
 std::string ControlServer::Handle(const std::string& line) {

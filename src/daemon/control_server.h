@@ -1,6 +1,7 @@
 // ControlServer: the daemon's Unix control socket (mode 0600). One request per
 // line, one reply per request; a malformed request gets an error reply and the
-// connection stays usable. Handlers run on the control thread.
+// connection stays usable. Handlers run on the control thread, one request at a time;
+// any number of clients (up to 64) may stay connected, idle ones are closed after 60 s.
 #pragma once
 
 #include <functional>
@@ -30,7 +31,7 @@ class ControlServer {
 
  private:
   void Loop();
-  void Serve(int fd);
+  bool ServeLines(int fd, std::string* buf);
   std::string Handle(const std::string& line);
   std::string Dispatch(const std::string& line);
 
