@@ -10,9 +10,10 @@ errors go to stderr with a non-zero exit.
       sends mirror-start, polls mirror-status every POLL_S until "ready"; prints
       "SECONDS BYTES_DONE" (seconds from sending mirror-start until the first status that
       reports ready). Fails if the job fails or the timeout passes.
-  mirror_ctl.py qcowfs-watch SOCK ID OUT_FILE TIMEOUT_S
-      polls the running job until ready (or the end, or the timeout), writes
-      "STATE SECONDS_SINCE_START" to OUT_FILE (seconds counted from this call).
+  mirror_ctl.py qcowfs-watch SOCK JOB_JSON OUT_FILE DELAY_S TIMEOUT_S
+      sleeps DELAY_S, sends mirror-start, then polls the job every 10 ms until it is ready
+      (or ends, or TIMEOUT_S passed); writes "STATE SECONDS" to OUT_FILE (seconds from
+      sending mirror-start).
   mirror_ctl.py qcowfs-ready-wait SOCK ID TIMEOUT_S
       waits until the running job is ready; fails if it ends otherwise or times out.
   mirror_ctl.py qcowfs-rss SOCK JOB_JSON PID SECONDS
@@ -28,6 +29,9 @@ errors go to stderr with a non-zero exit.
       "SECONDS BYTES SECONDS_MIRROR_ONLY"). Then block-job-cancel (after ready: a soft
       cancel, the target is flushed and left an exact copy), BLOCK_JOB_COMPLETED,
       blockdev-del of the target nodes (the caller stops the daemon).
+  mirror_ctl.py qmp-rss SOCK PID SECONDS KIND [ARGS...]
+      the same job, but samples VmRSS of PID every 20 ms until BLOCK_JOB_READY or SECONDS
+      passed; prints "PEAK_KIB STATE SECONDS OFFSET", then force-cancels the job.
 """
 import json
 import socket
@@ -109,9 +113,17 @@ def cmd_qcowfs_ready(sock, job_json, timeout=600.0):
         time.sleep(POLL_S)
 
 
-def cmd_qcowfs_watch(sock, job_id, out, timeout):
+def cmd_qcowfs_watch(sock, job_json, out, delay, timeout):
+    time.sleep(delay)
     conn = Lines(sock)
     t0 = time.monotonic()
+    try:
+        r = qcowfs_call(conn, "mirror-start", json.loads(job_json))
+    except SystemExit:
+        with open(out, "w") as f:
+            f.write("start-failed -\n")
+        raise
+    job_id = r["id"]
     deadline = t0 + timeout
     state = "running"
     while time.monotonic() < deadline:
@@ -251,6 +263,47 @@ def cmd_qmp_mirror(sock, kind, rest):
         q.cmd("blockdev-del", **{"node-name": n})
 
 
+def cmd_qmp_rss(sock, pid, secs, kind, rest):
+    q = Qmp(sock)
+    t0 = time.monotonic()
+    peak = vmrss_kib(pid)
+    nodes = ["tgt"]
+    if kind == "nbd":
+        q.cmd("blockdev-add", driver="nbd", **{"node-name": "tgt"},
+              server={"type": "unix", "path": rest[0]}, export=rest[1])
+    else:
+        q.cmd("blockdev-add", driver="file", filename=rest[0], **{"node-name": "tgtfile"})
+        q.cmd("blockdev-add", driver=kind, file="tgtfile", **{"node-name": "tgt"})
+        nodes.append("tgtfile")
+    q.cmd("blockdev-mirror", **{"job-id": "m0"}, device="src", target="tgt", sync="full")
+    deadline = t0 + secs
+    state = "running"
+    while True:
+        peak = max(peak, vmrss_kib(pid))
+        if any(e["event"] == "BLOCK_JOB_READY" for e in q.events):
+            state = "ready"
+            break
+        if any(e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") for e in q.events):
+            die("QEMU mirror ended early: %r" % q.events)
+        if time.monotonic() > deadline:
+            break
+        try:
+            r = q.c.recv(time.monotonic() + 0.02)
+            if "event" in r:
+                q.events.append(r)
+        except TimeoutError:
+            pass
+    peak = max(peak, vmrss_kib(pid))
+    jobs = q.cmd("query-block-jobs")
+    done = jobs[0]["offset"] if jobs else 0
+    print("%d %s %.2f %d" % (peak, state, time.monotonic() - t0, done))
+    sys.stdout.flush()
+    q.cmd("block-job-cancel", device="m0", force=True)
+    q.event("BLOCK_JOB_CANCELLED", 120)
+    for n in nodes:
+        q.cmd("blockdev-del", **{"node-name": n})
+
+
 def main(argv):
     if len(argv) < 2:
         die("usage: see the docstring")
@@ -260,13 +313,15 @@ def main(argv):
     elif cmd == "qcowfs-ready":
         cmd_qcowfs_ready(a[0], a[1], float(a[2]) if len(a) > 2 else 600.0)
     elif cmd == "qcowfs-watch":
-        cmd_qcowfs_watch(a[0], a[1], a[2], float(a[3]))
+        cmd_qcowfs_watch(a[0], a[1], a[2], float(a[3]), float(a[4]))
     elif cmd == "qcowfs-ready-wait":
         cmd_qcowfs_ready_wait(a[0], a[1], float(a[2]))
     elif cmd == "qcowfs-rss":
         cmd_qcowfs_rss(a[0], a[1], int(a[2]), float(a[3]))
     elif cmd == "qcowfs-cmd":
         cmd_qcowfs_cmd(a[0], a[1], a[2])
+    elif cmd == "qmp-rss":
+        cmd_qmp_rss(a[0], int(a[1]), float(a[2]), a[3], a[4:])
     elif cmd == "qmp-mirror":
         cmd_qmp_mirror(a[0], a[1], a[2:])
     else:

@@ -586,23 +586,24 @@ mirror_iops_one() { # MODE(none|background|write-blocking) REP
   sync -f "$WORK"
   mount_qcowfs "$img" "$mp"
   if [[ $mode != none ]]; then
-    python3 "$MIRROR_CTL" qcowfs-start "$QCOWFS_SOCK" \
-      "{\"id\": \"w\", \"mode\": \"$mode\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}" >/dev/null ||
-      die "qcowfs mirror start ($mode) failed"
-    python3 "$MIRROR_CTL" qcowfs-watch "$QCOWFS_SOCK" w "$watch" "$(( runtime + 1 ))" &
+    # Starts the job 1 s after fio (in fio's 2 s ramp, not counted), then watches it until
+    # ready or until fio ends (runtime + 1 s after the job's start).
+    python3 "$MIRROR_CTL" qcowfs-watch "$QCOWFS_SOCK" \
+      "{\"id\": \"w\", \"mode\": \"$mode\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}" \
+      "$watch" 1 "$(( runtime + 1 ))" &
     WATCH_PID=$!
   fi
   out=$WORK/fio-mirror-$mode-$rep.json
-  run_fio "$out" "$mp" 1 --size="$size_bytes" --time_based --runtime="$runtime" \
+  run_fio "$out" "$mp" 1 --size="$size_bytes" --time_based --ramp_time=2 --runtime="$runtime" \
     --rw=randwrite --bs=4k --numjobs=4
   v=$(fio_value "$out" IOPS)
   if [[ $mode != none ]]; then
-    wait "$WATCH_PID" || die "the mirror status watcher failed"
+    wait "$WATCH_PID" || die "the mirror job ($mode) failed to start or failed: $(cat "$watch" 2>/dev/null)"
     WATCH_PID=""
     read -r state when <"$watch"
     [[ $state == ready || $state == running ]] || die "mirror job ($mode) under load ended $state"
-    # Under load "ready" counts only if it came within fio's runtime.
-    if [[ $state == ready ]] && awk -v w="$when" -v r="$runtime" 'BEGIN {exit !(w <= r)}'; then
+    # Under load "ready" counts only if it came before fio ended.
+    if [[ $state == ready ]] && awk -v w="$when" -v r="$(( runtime + 1 ))" 'BEGIN {exit !(w <= r)}'; then
       record miops_ready "$mode" s qcowfs "$rep" "$when"
     else
       record miops_ready "$mode" s qcowfs "$rep" -1
@@ -626,52 +627,69 @@ mirror_iops_one() { # MODE(none|background|write-blocking) REP
 # Peak VmRSS of the daemon while a job copies a sparse --mirror-rss-size source to KIND
 # (nbd: nbdkit null of the same size, never known zero, so every byte is copied or zeroed;
 # qcow2: a new file, known zero, only the allocated clusters are copied). Sampled every
-# 20 ms until the job is ready or --mirror-rss-secs passed, then cancelled.
-mirror_rss_one() { # KIND REP
-  local kind=$1 rep=$2 img=$WORK/mrss.qcow2 mp=$WORK/mnt tgt=$WORK/mrss-tgt.qcow2 job pid
-  local vbytes off step i
+# 20 ms until the job is ready or --mirror-rss-secs passed, then completed without pivot
+# (ready) or cancelled. TOOL qemu: the same job in qemu-storage-daemon, for reference.
+mirror_rss_one() { # TOOL KIND REP
+  local tool=$1 kind=$2 rep=$3 img=$WORK/mrss.qcow2 mp=$WORK/mnt tgt=$WORK/mrss-tgt.qcow2 job pid
+  local vbytes off step i rss0 res peak state secs done_b
   vbytes=$(numfmt --from=iec "$mirror_rss_size")
   rm -f "$img" "$tgt"
   qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$img" "$vbytes"
   local -a wc=()
   step=$(( vbytes / 64 ))
-  for (( i = 0; i < 64; i++ )); do off=$(( i * step + (i * 1048576) % step )); off=$(( off / 65536 * 65536 )); wc+=(-c "write -P $(( i + 1 )) $off 64k"); done
+  for (( i = 0; i < 64; i++ )); do
+    off=$(( (i * step + (i * 1048576) % step) / 65536 * 65536 ))
+    wc+=(-c "write -P $(( i + 1 )) $off 64k")
+  done
   qemu-io -f qcow2 "${wc[@]}" "$img" >/dev/null
-  mount_qcowfs "$img" "$mp"
-  pid=$QCOWFS_PID
-  local rss0
-  rss0=$(rss_kib "$pid")
-  if [[ $kind == nbd ]]; then
-    start_nbd nbdkit-null "$vbytes"
-    job="{\"id\": \"r\", \"target\": {\"nbd\": \"$NBD_URI\"}}"
+  [[ $kind == nbd ]] && start_nbd nbdkit-null "$vbytes"
+  if [[ $tool == qcowfs ]]; then
+    mount_qcowfs "$img" "$mp"
+    pid=$QCOWFS_PID
+    rss0=$(rss_kib "$pid")
+    if [[ $kind == nbd ]]; then
+      job="{\"id\": \"r\", \"target\": {\"nbd\": \"$NBD_URI\"}}"
+    else
+      job="{\"id\": \"r\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}"
+    fi
+    res=$(python3 "$MIRROR_CTL" qcowfs-rss "$QCOWFS_SOCK" "$job" "$pid" "$mirror_rss_secs") ||
+      die "qcowfs mirror on the $mirror_rss_size source to $kind failed"
+    read -r peak state secs done_b <<<"$res"
+    if [[ $state == ready ]]; then
+      python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "r", "pivot": false}' >/dev/null ||
+        die "qcowfs mirror complete --no-pivot failed"
+    else
+      python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-cancel '{"id": "r"}' >/dev/null ||
+        die "qcowfs mirror cancel failed"
+    fi
+    umount_qcowfs
   else
-    job="{\"id\": \"r\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}"
+    [[ $kind == qcow2 ]] && qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$tgt" "$vbytes"
+    start_qsd_qmp "$img"
+    pid=$QSD_PID
+    rss0=$(rss_kib "$pid")
+    if [[ $kind == nbd ]]; then
+      res=$(python3 "$MIRROR_CTL" qmp-rss "$QMP_SOCK" "$pid" "$mirror_rss_secs" nbd "$NBD_SOCK" exp) ||
+        die "QEMU mirror on the $mirror_rss_size source to $kind failed"
+    else
+      res=$(python3 "$MIRROR_CTL" qmp-rss "$QMP_SOCK" "$pid" "$mirror_rss_secs" qcow2 "$tgt") ||
+        die "QEMU mirror on the $mirror_rss_size source to $kind failed"
+    fi
+    read -r peak state secs done_b <<<"$res"
+    umount_qsd
   fi
-  local res
-  res=$(python3 "$MIRROR_CTL" qcowfs-rss "$QCOWFS_SOCK" "$job" "$pid" "$mirror_rss_secs") ||
-    die "qcowfs mirror on the $mirror_rss_size source to $kind failed"
-  local peak state secs done_b
-  read -r peak state secs done_b <<<"$res"
-  if [[ $state == ready ]]; then
-    python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "r", "pivot": false}' >/dev/null ||
-      die "qcowfs mirror complete --no-pivot failed"
-  else
-    python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-cancel '{"id": "r"}' >/dev/null ||
-      die "qcowfs mirror cancel failed"
-  fi
-  umount_qcowfs
   [[ $kind == nbd ]] && stop_nbd
-  check_image "$img" "mirror rss source run $rep"
+  check_image "$img" "mirror rss $tool source run $rep"
   if [[ $kind == qcow2 ]]; then
-    check_image "$tgt" "mirror rss $kind target run $rep"
-    [[ $state != ready ]] || compare_images "$img" "$tgt" qcow2 "mirror rss $kind run $rep"
+    check_image "$tgt" "mirror rss $tool $kind target run $rep"
+    [[ $tool != qcowfs || $state != ready ]] || compare_images "$img" "$tgt" qcow2 "mirror rss $tool $kind run $rep"
   fi
-  record mrss "$kind" rss_peak_kib qcowfs "$rep" "$peak"
-  record mrss "$kind" rss_mount_kib qcowfs "$rep" "$rss0"
-  record mrss "$kind" secs qcowfs "$rep" "$secs"
-  record mrss "$kind" bytes_done qcowfs "$rep" "$done_b"
-  record mrss "$kind" ready qcowfs "$rep" "$([[ $state == ready ]] && echo 1 || echo 0)"
-  log "  $mirror_rss_size source -> $kind: VmRSS ${rss0} KiB after mount, peak ${peak} KiB during the job; job $state after $secs s, $done_b bytes done"
+  record mrss "$kind" rss_peak_kib "$tool" "$rep" "$peak"
+  record mrss "$kind" rss_mount_kib "$tool" "$rep" "$rss0"
+  record mrss "$kind" secs "$tool" "$rep" "$secs"
+  record mrss "$kind" bytes_done "$tool" "$rep" "$done_b"
+  record mrss "$kind" ready "$tool" "$rep" "$([[ $state == ready ]] && echo 1 || echo 0)"
+  log "  $tool: $mirror_rss_size source -> $kind: VmRSS ${rss0} KiB after open, peak ${peak} KiB during the job; job $state after $secs s, $done_b bytes done"
   rm -f "$img" "$tgt"
 }
 
@@ -695,7 +713,9 @@ run_mirror() {
   done
   for (( rep = 1; rep <= repeat; rep++ )); do
     log "mirror RSS on a $mirror_rss_size source, run $rep/$repeat"
-    for kind in qcow2 nbd; do mirror_rss_one "$kind" "$rep"; done
+    for kind in qcow2 nbd; do
+      for tool in qcowfs qemu; do mirror_rss_one "$tool" "$kind" "$rep"; done
+    done
   done
   rm -f "$WORK/msrc.qcow2"
 }
@@ -826,7 +846,7 @@ for sec, name, unit, target, rep, val in rows:
     elif sec in ("miops", "miops_ready"):
         miops.setdefault(name, defaultdict(list))[sec].append(float(val))
     elif sec == "mrss":
-        mrss.setdefault(name, defaultdict(list))[unit].append(float(val))
+        mrss.setdefault(name, defaultdict(list))[(unit, target)].append(float(val))
 
 if mready:
     print("### mirror: time to ready (medians, seconds; lower is better)\n")
@@ -857,15 +877,23 @@ if miops:
 
 if mrss:
     print("### mirror: daemon VmRSS during a job on a sparse source (medians of the per-run peak)\n")
-    print("| target | VmRSS MiB after mount | peak VmRSS MiB during the job | max over runs | bound: cache 32M + buf_size 16M + 16M | job after sampling | bytes done |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    print("Bound for qcowfs: metadata cache 32M + buf_size 16M + 16M = 64 MiB.\n")
+    print("| target | daemon | VmRSS MiB after open | peak VmRSS MiB during the job | max over runs | within 64 MiB | job when sampling stopped | bytes done (median) |")
+    print("|---|---|---:|---:|---:|---|---|---:|")
     for kind, t in mrss.items():
-        r0, pk, mx = med(t["rss_mount_kib"]), med(t["rss_peak_kib"]), max(t["rss_peak_kib"])
-        nready = sum(1 for x in t["ready"] if x)
-        state = ("ready in %.2f s (median)" % med(t["secs"])) if nready == len(t["ready"]) else \
-            ("%d of %d runs ready; sampled %.0f s" % (nready, len(t["ready"]), med(t["secs"])))
-        print("| %s | %.1f | %.1f | %.1f | 64.0 | %s | %s |" % (kind, r0 / 1024, pk / 1024, mx / 1024, state,
-              "%.0f" % med(t["bytes_done"])))
+        for tool in ("qcowfs", "qemu"):
+            if not t.get(("rss_peak_kib", tool)):
+                continue
+            g = lambda k: t[(k, tool)]
+            r0, pk, mx = med(g("rss_mount_kib")), med(g("rss_peak_kib")), max(g("rss_peak_kib"))
+            nready = sum(1 for x in g("ready") if x)
+            n = len(g("ready"))
+            state = ("ready after %.2f s (median)" % med(g("secs"))) if nready == n else \
+                ("not ready in %d of %d runs (sampled %.0f s)" % (n - nready, n, med(g("secs"))))
+            within = ("**yes**" if mx <= 64 * 1024 else "**no**") if tool == "qcowfs" else "-"
+            print("| %s | %s | %.1f | %.1f | %.1f | %s | %s | %.0f MiB |" % (
+                kind, "qcowfs" if tool == "qcowfs" else "qemu-storage-daemon", r0 / 1024, pk / 1024, mx / 1024,
+                within, state, med(g("bytes_done")) / 1048576))
     print()
 
 if scale:
