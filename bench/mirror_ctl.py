@@ -9,7 +9,8 @@ errors go to stderr with a non-zero exit.
   mirror_ctl.py qcowfs-ready SOCK JOB_JSON [TIMEOUT_S]
       sends mirror-start, polls mirror-status every POLL_S until "ready"; prints
       "SECONDS BYTES_DONE" (seconds from sending mirror-start until the first status that
-      reports ready). Fails if the job fails or the timeout passes.
+      reports ready), and a third column: the seconds until mirror-start replied (target
+      opened or created, job running). Fails if the job fails or the timeout passes.
   mirror_ctl.py qcowfs-watch SOCK JOB_JSON OUT_FILE DELAY_S TIMEOUT_S
       sleeps DELAY_S, sends mirror-start, then polls the job every 10 ms until it is ready
       (or ends, or TIMEOUT_S passed); writes "STATE SECONDS" to OUT_FILE (seconds from
@@ -24,9 +25,9 @@ errors go to stderr with a non-zero exit.
   mirror_ctl.py qmp-mirror SOCK KIND [ARGS...] [TIMEOUT_S]
       KIND qcow2 PATH | raw PATH | nbd SOCKET EXPORT: blockdev-add the target, then
       blockdev-mirror device=src sync=full (tool defaults otherwise: granularity, buf-size),
-      wait for BLOCK_JOB_READY; prints "SECONDS BYTES" (from sending blockdev-add of the
-      target until the event; the blockdev-mirror alone in a second column is
-      "SECONDS BYTES SECONDS_MIRROR_ONLY"). Then block-job-cancel (after ready: a soft
+      wait for BLOCK_JOB_READY; prints "SECONDS OFFSET SECONDS_TO_MIRROR": seconds from
+      sending blockdev-add of the target until the event, the job's offset, and the
+      seconds until blockdev-mirror was sent. Then block-job-cancel (after ready: a soft
       cancel, the target is flushed and left an exact copy), BLOCK_JOB_COMPLETED,
       blockdev-del of the target nodes (the caller stops the daemon).
   mirror_ctl.py qmp-rss SOCK PID SECONDS KIND [ARGS...]
@@ -98,13 +99,14 @@ def cmd_qcowfs_ready(sock, job_json, timeout=600.0):
     job = json.loads(job_json)
     t0 = time.monotonic()
     r = qcowfs_call(conn, "mirror-start", job)
+    t_started = time.monotonic() - t0
     job_id = r["id"]
     deadline = t0 + timeout
     while True:
         st = qcowfs_status(conn, job_id)
         if st["state"] == "ready":
             t = time.monotonic() - t0
-            print("%.4f %d" % (t, st["bytes_done"]))
+            print("%.4f %d %.4f" % (t, st["bytes_done"], t_started))
             return
         if st["state"] != "running":
             die("job %s %s: %s" % (job_id, st["state"], st.get("error")))
@@ -253,7 +255,7 @@ def cmd_qmp_mirror(sock, kind, rest):
     t2 = time.monotonic()
     jobs = q.cmd("query-block-jobs")
     done = jobs[0]["offset"] if jobs else ev["data"].get("offset", 0)
-    print("%.4f %d %.4f" % (t2 - t0, done, t2 - t1))
+    print("%.4f %d %.4f" % (t2 - t0, done, t1 - t0))
     sys.stdout.flush()
     q.cmd("block-job-cancel", device="m0")
     ev = q.event("BLOCK_JOB_COMPLETED", 120)

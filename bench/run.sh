@@ -511,7 +511,7 @@ compare_images() { # SOURCE TARGET TARGET-FORMAT LABEL
 # One time-to-ready run: TOOL (qcowfs|qemu|convert) copies the source to a fresh target of
 # KIND (qcow2|raw|nbd), then the target is compared with the source and checked.
 mirror_ready_one() { # TOOL KIND REP
-  local tool=$1 kind=$2 rep=$3 src=$WORK/msrc.qcow2 tgt fmt r t bytes t0 t1 mp=$WORK/mnt
+  local tool=$1 kind=$2 rep=$3 src=$WORK/msrc.qcow2 tgt fmt r t bytes t0 t1 t_start=- mp=$WORK/mnt
   case $kind in
     qcow2) tgt=$WORK/mtgt.qcow2 fmt=qcow2 ;;
     raw) tgt=$WORK/mtgt.raw fmt=raw ;;
@@ -531,7 +531,7 @@ mirror_ready_one() { # TOOL KIND REP
         nbd) job="{\"id\": \"b\", \"target\": {\"nbd\": \"$NBD_URI\"}}" ;;
       esac
       r=$(python3 "$MIRROR_CTL" qcowfs-ready "$QCOWFS_SOCK" "$job" 600) || die "qcowfs mirror to $kind failed"
-      read -r t bytes <<<"$r"
+      read -r t bytes t_start <<<"$r"
       # Stop with an exact copy: flushed and closed (SPEC §6 complete --no-pivot).
       python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "b", "pivot": false}' >/dev/null ||
         die "qcowfs mirror complete --no-pivot failed"
@@ -548,7 +548,7 @@ mirror_ready_one() { # TOOL KIND REP
       else
         r=$(python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" "$kind" "$tgt" 600) || die "QEMU mirror to $kind failed"
       fi
-      read -r t bytes _ <<<"$r"
+      read -r t bytes t_start <<<"$r"
       umount_qsd
       ;;
     convert)
@@ -567,7 +567,7 @@ mirror_ready_one() { # TOOL KIND REP
   compare_images "$src" "$tgt" "$fmt" "$tool mirror to $kind run $rep"
   [[ $kind == qcow2 ]] && check_image "$tgt" "$tool mirror target $kind run $rep"
   check_image "$src" "source after $tool to $kind run $rep"
-  log "  $tool -> $kind: ready after $t s ($bytes bytes done), target $(du -k "$tgt" | cut -f1) KiB on disk"
+  log "  $tool -> $kind: ready after $t s ($bytes bytes done; start command replied or blockdev-mirror sent after $t_start s), target $(du -k "$tgt" | cut -f1) KiB on disk"
   record mready "$kind" s "$tool" "$rep" "$t"
   rm -f "$tgt"
 }
