@@ -577,7 +577,7 @@ mirror_ready_one() { # TOOL KIND REP
 # without a job or while a job of MODE copies to a new qcow2 file. The job is started just
 # before fio; a watcher records when it is first ready. After fio the job is completed
 # without pivot (waiting for ready first) and the target compared with the source.
-mirror_iops_one() { # MODE(none|background|write-blocking) REP
+mirror_iops_one() { # MODE(none|background|write-blocking|write-blocking-ready) REP
   local mode=$1 rep=$2 img=$WORK/miops.qcow2 tgt=$WORK/miops-tgt.qcow2 mp=$WORK/mnt out v
   local watch=$WORK/watch.out state="-" when="-" r
   cp --sparse=always "$WORK/msrc.qcow2" "$img"
@@ -585,7 +585,12 @@ mirror_iops_one() { # MODE(none|background|write-blocking) REP
   warm "$img"
   sync -f "$WORK"
   mount_qcowfs "$img" "$mp"
-  if [[ $mode != none ]]; then
+  if [[ $mode == write-blocking-ready ]]; then
+    # The steady state: the job is ready before fio starts, every write goes through.
+    python3 "$MIRROR_CTL" qcowfs-ready "$QCOWFS_SOCK" \
+      "{\"id\": \"w\", \"mode\": \"write-blocking\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}" 600 \
+      >/dev/null || die "qcowfs mirror ($mode) failed"
+  elif [[ $mode != none ]]; then
     # Starts the job 1 s after fio (in fio's 2 s ramp, not counted), then watches it until
     # ready or until fio ends (runtime + 1 s after the job's start).
     python3 "$MIRROR_CTL" qcowfs-watch "$QCOWFS_SOCK" \
@@ -597,7 +602,13 @@ mirror_iops_one() { # MODE(none|background|write-blocking) REP
   run_fio "$out" "$mp" 1 --size="$size_bytes" --time_based --ramp_time=2 --runtime="$runtime" \
     --rw=randwrite --bs=4k --numjobs=4
   v=$(fio_value "$out" IOPS)
-  if [[ $mode != none ]]; then
+  if [[ $mode == write-blocking-ready ]]; then
+    state=$(python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-status '{"id": "w"}' |
+      python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+    [[ $state == ready ]] || die "mirror job ($mode) is $state after fio"
+    python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "w", "pivot": false}' >/dev/null ||
+      die "qcowfs mirror complete --no-pivot ($mode) failed"
+  elif [[ $mode != none ]]; then
     wait "$WATCH_PID" || die "the mirror job ($mode) failed to start or failed: $(cat "$watch" 2>/dev/null)"
     WATCH_PID=""
     read -r state when <"$watch"
@@ -694,7 +705,7 @@ mirror_rss_one() { # TOOL KIND REP
 }
 
 run_mirror() {
-  local rep i tools=(qcowfs qemu convert) kinds=(qcow2 raw nbd) modes=(none background write-blocking)
+  local rep i tools=(qcowfs qemu convert) kinds=(qcow2 raw nbd) modes=(none background write-blocking write-blocking-ready)
   log "mirror: source $size ($size_bytes bytes), cluster $cluster"
   make_mirror_source "$WORK/msrc.qcow2"
   for (( rep = 1; rep <= repeat; rep++ )); do
@@ -864,13 +875,18 @@ if mready:
 if miops:
     base = med(miops.get("none", {}).get("miops", []))
     print("### mirror: 4k random write IOPS through the mount (4 jobs) during a job (medians)\n")
-    print("| job | IOPS | fraction of no job | ready within fio's runtime | time to ready under load (median s) |")
+    print("| job (to a new local qcow2 file) | IOPS | fraction of no job | ready before fio ended | time to ready under load (median s) |")
     print("|---|---:|---:|---|---:|")
     for mode, t in miops.items():
         v = med(t["miops"])
         rd = t.get("miops_ready", [])
         ok = [x for x in rd if x >= 0]
-        readycol = "-" if mode == "none" else "%d of %d runs" % (len(ok), len(rd))
+        if mode == "none":
+            readycol = "-"
+        elif mode == "write-blocking-ready":
+            readycol = "ready before fio started, still ready after"
+        else:
+            readycol = "%d of %d runs" % (len(ok), len(rd))
         print("| %s | %s | **%s** | %s | %s |" % (mode, fmt(v, "IOPS"), ratio(v, base) if mode != "none" else "1.00",
               readycol, "%.2f" % med(ok) if ok else "-"))
     print("\nAll runs (IOPS): %s\n" % "; ".join("%s %s" % (m, ", ".join("%.0f" % x for x in t["miops"])) for m, t in miops.items()))
