@@ -782,6 +782,7 @@ if [[ $do_mirror == 1 ]]; then
   run_mirror
 fi
 END=$(date +%s)
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 IDLE_END=$(idle_pct)
 
 # --- report -----------------------------------------------------------------------------
@@ -797,7 +798,8 @@ cat <<EOF
 - machine: $(nproc) vCPU, ${cpu:-unknown CPU}, $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)
 - $qemu_ver; $(fio --version); qcowfs $git_rev, binary built $(date -r "$qcowfs_bin" '+%F %T') (threads: $qcowfs_threads)
 - $( [[ $do_main == 1 ]] && echo "image: $size, cluster $cluster; fio psync iodepth 1 per job, runtime ${runtime}s; raw copy $( [[ $raw_direct == 1 ]] && echo "O_DIRECT" || echo "buffered (page cache, like the daemons' own image I/O)"); " )medians of $repeat run(s)$( [[ $do_scale == 1 ]] && echo "; scale: cluster $cluster, $scale_writes random 4k writes (fixed seed) over each image" )
-$( [[ $do_mirror == 1 ]] && echo "- mirror: source $size qcow2 (cluster $cluster): 1M of random data every 4M, 1M zero-flagged every 8M, the rest unallocated; job defaults (granularity = cluster size, buf_size 16M); IOPS: fio 4k randwrite, 4 jobs, ${runtime}s; RSS: $mirror_rss_size sparse source, 64 writes of 64k, sampled every 20 ms for up to ${mirror_rss_secs}s; load average at the start: $LOAD_START" )
+$( [[ $do_mirror == 1 ]] && echo "- mirror: source $size qcow2 (cluster $cluster): 1M of random data every 4M, 1M zero-flagged every 8M, the rest unallocated; job defaults (granularity = cluster size, buf_size 16M); IOPS: fio 4k randwrite, 4 jobs, ${runtime}s; RSS: $mirror_rss_size sparse source, 64 writes of 64k, sampled every 20 ms for up to ${mirror_rss_secs}s" )
+- load average (1, 5, 15 min) at the start: $LOAD_START, at the end: $LOAD_END
 - wall time: $(( (END - START) / 60 )) min $(( (END - START) % 60 )) s; CPU idle before/after: ${IDLE_START}% / ${IDLE_END}%$( (( IDLE_START < 90 || IDLE_END < 90 )) && echo " (**busy machine: noisy**)" ); qemu-img check: $(wc -l <"$WORK/checks.tsv" 2>/dev/null || echo 0) checks, all clean
 
 EOF
