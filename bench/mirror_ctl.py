@@ -6,11 +6,12 @@ errors go to stderr with a non-zero exit.
 
   mirror_ctl.py qcowfs-start SOCK JOB_JSON
       sends mirror-start, returns once the job runs; prints the job id.
-  mirror_ctl.py qcowfs-ready SOCK JOB_JSON [TIMEOUT_S]
+  mirror_ctl.py qcowfs-ready SOCK JOB_JSON [TIMEOUT_S [PID]]
       sends mirror-start, polls mirror-status every POLL_S until "ready"; prints
       "SECONDS BYTES_DONE" (seconds from sending mirror-start until the first status that
       reports ready), and a third column: the seconds until mirror-start replied (target
-      opened or created, job running). Fails if the job fails or the timeout passes.
+      opened or created, job running), and a fourth: the CPU seconds (user + system) PID
+      used meanwhile (0 without PID). Fails if the job fails or the timeout passes.
   mirror_ctl.py qcowfs-watch SOCK JOB_JSON OUT_FILE DELAY_S TIMEOUT_S
       sleeps DELAY_S, sends mirror-start, then polls the job every 10 ms until it is ready
       (or ends, or TIMEOUT_S passed); writes "STATE SECONDS" to OUT_FILE (seconds from
@@ -27,19 +28,35 @@ errors go to stderr with a non-zero exit.
       blockdev-mirror device=src sync=full (tool defaults otherwise: granularity, buf-size),
       wait for BLOCK_JOB_READY; prints "SECONDS OFFSET SECONDS_TO_MIRROR": seconds from
       sending blockdev-add of the target until the event, the job's offset, and the
-      seconds until blockdev-mirror was sent. Then block-job-cancel (after ready: a soft
+      seconds until blockdev-mirror was sent, and the CPU seconds of the daemon meanwhile
+      (its PID in the environment variable BENCH_PID; 0 without). Then block-job-cancel (after ready: a soft
       cancel, the target is flushed and left an exact copy), BLOCK_JOB_COMPLETED,
       blockdev-del of the target nodes (the caller stops the daemon).
+  mirror_ctl.py timed CMD [ARGS...]
+      runs CMD; prints "SECONDS - - CPU_SECONDS" (wall time; user + system CPU of CMD).
   mirror_ctl.py qmp-rss SOCK PID SECONDS KIND [ARGS...]
       the same job, but samples VmRSS of PID every 20 ms until BLOCK_JOB_READY or SECONDS
       passed; prints "PEAK_KIB STATE SECONDS OFFSET", then force-cancels the job.
 """
 import json
+import os
+import resource
 import socket
+import subprocess
 import sys
 import time
 
 POLL_S = 0.002
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid):
+    """user + system CPU seconds of PID (all threads), or 0 if PID is not given."""
+    if not pid:
+        return 0.0
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def die(msg):
@@ -94,9 +111,10 @@ def cmd_qcowfs_start(sock, job_json):
     print(r["id"])
 
 
-def cmd_qcowfs_ready(sock, job_json, timeout=600.0):
+def cmd_qcowfs_ready(sock, job_json, timeout=600.0, pid=0):
     conn = Lines(sock)
     job = json.loads(job_json)
+    c0 = cpu_s(pid)
     t0 = time.monotonic()
     r = qcowfs_call(conn, "mirror-start", job)
     t_started = time.monotonic() - t0
@@ -106,7 +124,7 @@ def cmd_qcowfs_ready(sock, job_json, timeout=600.0):
         st = qcowfs_status(conn, job_id)
         if st["state"] == "ready":
             t = time.monotonic() - t0
-            print("%.4f %d %.4f" % (t, st["bytes_done"], t_started))
+            print("%.4f %d %.4f %.2f" % (t, st["bytes_done"], t_started, cpu_s(pid) - c0))
             return
         if st["state"] != "running":
             die("job %s %s: %s" % (job_id, st["state"], st.get("error")))
@@ -225,7 +243,7 @@ class Qmp:
             self.events.append(r)
 
 
-def cmd_qmp_mirror(sock, kind, rest):
+def cmd_qmp_mirror(sock, kind, rest, pid=0):
     if kind in ("qcow2", "raw"):
         path, rest = rest[0], rest[1:]
     elif kind == "nbd":
@@ -234,6 +252,7 @@ def cmd_qmp_mirror(sock, kind, rest):
         die("unknown target kind %s" % kind)
     timeout = float(rest[0]) if rest else 600.0
     q = Qmp(sock)
+    c0 = cpu_s(pid)
     t0 = time.monotonic()
     nodes = []
     if kind == "nbd":
@@ -253,9 +272,10 @@ def cmd_qmp_mirror(sock, kind, rest):
     q.cmd("blockdev-mirror", **{"job-id": "m0"}, device="src", target="tgt", sync="full")
     ev = q.event("BLOCK_JOB_READY", timeout)
     t2 = time.monotonic()
+    c2 = cpu_s(pid)
     jobs = q.cmd("query-block-jobs")
     done = jobs[0]["offset"] if jobs else ev["data"].get("offset", 0)
-    print("%.4f %d %.4f" % (t2 - t0, done, t1 - t0))
+    print("%.4f %d %.4f %.2f" % (t2 - t0, done, t1 - t0, c2 - c0))
     sys.stdout.flush()
     q.cmd("block-job-cancel", device="m0")
     ev = q.event("BLOCK_JOB_COMPLETED", 120)
@@ -306,6 +326,16 @@ def cmd_qmp_rss(sock, pid, secs, kind, rest):
         q.cmd("blockdev-del", **{"node-name": n})
 
 
+def cmd_timed(args):
+    t0 = time.monotonic()
+    r = subprocess.run(args)
+    t = time.monotonic() - t0
+    if r.returncode != 0:
+        die("%s failed (exit %d)" % (" ".join(args), r.returncode))
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("%.4f - - %.2f" % (t, ru.ru_utime + ru.ru_stime))
+
+
 def main(argv):
     if len(argv) < 2:
         die("usage: see the docstring")
@@ -313,7 +343,7 @@ def main(argv):
     if cmd == "qcowfs-start":
         cmd_qcowfs_start(a[0], a[1])
     elif cmd == "qcowfs-ready":
-        cmd_qcowfs_ready(a[0], a[1], float(a[2]) if len(a) > 2 else 600.0)
+        cmd_qcowfs_ready(a[0], a[1], float(a[2]) if len(a) > 2 else 600.0, int(a[3]) if len(a) > 3 else 0)
     elif cmd == "qcowfs-watch":
         cmd_qcowfs_watch(a[0], a[1], a[2], float(a[3]), float(a[4]))
     elif cmd == "qcowfs-ready-wait":
@@ -325,7 +355,9 @@ def main(argv):
     elif cmd == "qmp-rss":
         cmd_qmp_rss(a[0], int(a[1]), float(a[2]), a[3], a[4:])
     elif cmd == "qmp-mirror":
-        cmd_qmp_mirror(a[0], a[1], a[2:])
+        cmd_qmp_mirror(a[0], a[1], a[2:], int(os.environ.get("BENCH_PID", "0")))
+    elif cmd == "timed":
+        cmd_timed(a)
     else:
         die("unknown command %s" % cmd)
 

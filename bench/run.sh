@@ -511,7 +511,7 @@ compare_images() { # SOURCE TARGET TARGET-FORMAT LABEL
 # One time-to-ready run: TOOL (qcowfs|qemu|convert) copies the source to a fresh target of
 # KIND (qcow2|raw|nbd), then the target is compared with the source and checked.
 mirror_ready_one() { # TOOL KIND REP
-  local tool=$1 kind=$2 rep=$3 src=$WORK/msrc.qcow2 tgt fmt r t bytes t0 t1 t_start=- mp=$WORK/mnt
+  local tool=$1 kind=$2 rep=$3 src=$WORK/msrc.qcow2 tgt fmt r t bytes t_start=- cpu mp=$WORK/mnt
   case $kind in
     qcow2) tgt=$WORK/mtgt.qcow2 fmt=qcow2 ;;
     raw) tgt=$WORK/mtgt.raw fmt=raw ;;
@@ -530,8 +530,9 @@ mirror_ready_one() { # TOOL KIND REP
         raw) job="{\"id\": \"b\", \"target\": {\"path\": \"$tgt\", \"format\": \"raw\"}}" ;;
         nbd) job="{\"id\": \"b\", \"target\": {\"nbd\": \"$NBD_URI\"}}" ;;
       esac
-      r=$(python3 "$MIRROR_CTL" qcowfs-ready "$QCOWFS_SOCK" "$job" 600) || die "qcowfs mirror to $kind failed"
-      read -r t bytes t_start <<<"$r"
+      r=$(python3 "$MIRROR_CTL" qcowfs-ready "$QCOWFS_SOCK" "$job" 600 "$QCOWFS_PID") ||
+        die "qcowfs mirror to $kind failed"
+      read -r t bytes t_start cpu <<<"$r"
       # Stop with an exact copy: flushed and closed (SPEC §6 complete --no-pivot).
       python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "b", "pivot": false}' >/dev/null ||
         die "qcowfs mirror complete --no-pivot failed"
@@ -544,31 +545,31 @@ mirror_ready_one() { # TOOL KIND REP
       esac
       start_qsd_qmp "$src"
       if [[ $kind == nbd ]]; then
-        r=$(python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" nbd "$NBD_SOCK" exp 600) || die "QEMU mirror to $kind failed"
+        r=$(BENCH_PID=$QSD_PID python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" nbd "$NBD_SOCK" exp 600) ||
+          die "QEMU mirror to $kind failed"
       else
-        r=$(python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" "$kind" "$tgt" 600) || die "QEMU mirror to $kind failed"
+        r=$(BENCH_PID=$QSD_PID python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" "$kind" "$tgt" 600) ||
+          die "QEMU mirror to $kind failed"
       fi
-      read -r t bytes t_start <<<"$r"
+      read -r t bytes t_start cpu <<<"$r"
       umount_qsd
       ;;
     convert)
-      t0=$(now_ns)
       case $kind in
-        qcow2) qemu-img convert -f qcow2 -O qcow2 -o cluster_size="$cluster_bytes" "$src" "$tgt" ;;
-        raw) qemu-img convert -f qcow2 -O raw "$src" "$tgt" ;;
-        nbd) qemu-img convert -n -f qcow2 -O raw "$src" "$NBD_URI" ;;
-      esac
-      t1=$(now_ns)
-      t=$(awk -v n=$(( t1 - t0 )) 'BEGIN {printf "%.4f", n / 1e9}')
-      bytes=-
+        qcow2) r=$(python3 "$MIRROR_CTL" timed qemu-img convert -f qcow2 -O qcow2 -o cluster_size="$cluster_bytes" "$src" "$tgt") ;;
+        raw) r=$(python3 "$MIRROR_CTL" timed qemu-img convert -f qcow2 -O raw "$src" "$tgt") ;;
+        nbd) r=$(python3 "$MIRROR_CTL" timed qemu-img convert -n -f qcow2 -O raw "$src" "$NBD_URI") ;;
+      esac || die "qemu-img convert to $kind failed"
+      read -r t bytes t_start cpu <<<"$r"
       ;;
   esac
   [[ $kind == nbd ]] && stop_nbd
   compare_images "$src" "$tgt" "$fmt" "$tool mirror to $kind run $rep"
   [[ $kind == qcow2 ]] && check_image "$tgt" "$tool mirror target $kind run $rep"
   check_image "$src" "source after $tool to $kind run $rep"
-  log "  $tool -> $kind: ready after $t s ($bytes bytes done; start command replied or blockdev-mirror sent after $t_start s), target $(du -k "$tgt" | cut -f1) KiB on disk"
+  log "  $tool -> $kind: ready after $t s, CPU $cpu s ($bytes bytes done; start command replied or blockdev-mirror sent after $t_start s), target $(du -k "$tgt" | cut -f1) KiB on disk"
   record mready "$kind" s "$tool" "$rep" "$t"
+  record mready_cpu "$kind" s "$tool" "$rep" "$cpu"
   rm -f "$tgt"
 }
 
@@ -856,6 +857,8 @@ mrss = OrderedDict()
 for sec, name, unit, target, rep, val in rows:
     if sec == "mready":
         mready.setdefault(name, defaultdict(list))[target].append(float(val))
+    elif sec == "mready_cpu":
+        mready.setdefault(name, defaultdict(list))[target + "_cpu"].append(float(val))
     elif sec in ("miops", "miops_ready"):
         miops.setdefault(name, defaultdict(list))[sec].append(float(val))
     elif sec == "mrss":
@@ -869,7 +872,14 @@ if mready:
         c, q, v = med(t["qcowfs"]), med(t["qemu"]), med(t["convert"])
         f = lambda x: "%.3f" % x if x is not None else "-"
         print("| %s | %s | %s | %s | **%s** | %s |" % (kind, f(c), f(q), f(v), ratio(q, c), ratio(v, c)))
-    print("\nAll runs (qcowfs / QEMU / convert):\n")
+    print("\nCPU seconds (user + system) of the copying process from the start command until ready (medians; for")
+    print("qcowfs and QEMU the whole daemon, for convert the qemu-img process):\n")
+    print("| target | qcowfs | QEMU | convert |")
+    print("|---|---:|---:|---:|")
+    for kind, t in mready.items():
+        f = lambda x: "%.2f" % x if x is not None else "-"
+        print("| %s | %s | %s | %s |" % (kind, f(med(t["qcowfs_cpu"])), f(med(t["qemu_cpu"])), f(med(t["convert_cpu"]))))
+    print("\nAll runs, seconds to ready (qcowfs / QEMU / convert):\n")
     for kind, t in mready.items():
         print("- %s: %s" % (kind, " / ".join(", ".join("%.3f" % x for x in t[k]) for k in ("qcowfs", "qemu", "convert"))))
     print()
