@@ -53,7 +53,8 @@ Options:
   -h, --help           show this help
 
 Needs: fio, qemu-img, qemu-storage-daemon (Debian: qemu-system-common), fusermount3,
-findmnt, python3, and /dev/fuse; --mirror also qemu-io, qemu-nbd (qemu-utils) and nbdkit; run as root (or a user allowed to mount FUSE).
+findmnt, python3, and /dev/fuse; --mirror also qemu-io, qemu-nbd (qemu-utils) and nbdkit;
+run as root (or a user allowed to mount FUSE).
 EOF
 }
 
