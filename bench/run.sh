@@ -38,6 +38,14 @@ Options:
   --scale-only         run only the scale section
   --scale-sizes LIST   comma-separated virtual sizes for --scale (default 1G,1T,64T)
   --scale-writes N     random 4k writes spread over the image before reading RSS (default 100)
+  --mirror             also run the mirror section (see bench/README.md): time to ready of a
+                       qcowfs mirror job against qemu-storage-daemon's blockdev-mirror and
+                       qemu-img convert (qcow2, raw and NBD targets); 4k random write IOPS
+                       through the mount during a background and a write-blocking job; the
+                       daemon's RSS during a job on a sparse source of --mirror-rss-size
+  --mirror-only        run only the mirror section
+  --mirror-rss-size S  virtual size of the sparse source for the RSS part (default 64T)
+  --mirror-rss-secs N  seconds of RSS sampling per job that is not ready sooner (default 20)
   --workdir DIR        parent of the scratch directory (default /var/tmp); the scratch
                        directory (mktemp -d) is removed at the end unless --keep
   --keep               keep the scratch directory
@@ -45,7 +53,8 @@ Options:
   -h, --help           show this help
 
 Needs: fio, qemu-img, qemu-storage-daemon (Debian: qemu-system-common), fusermount3,
-findmnt, python3, and /dev/fuse; run as root (or a user allowed to mount FUSE).
+findmnt, python3, and /dev/fuse; --mirror also qemu-io, qemu-nbd (qemu-utils) and nbdkit;
+run as root (or a user allowed to mount FUSE).
 EOF
 }
 
@@ -58,6 +67,7 @@ ORIG_ARGS=("$@")
 opt_size="" opt_runtime="" opt_repeat="" quick=0
 cluster=64K threads="" poll_us="" raw_direct=0 ceiling=0 do_main=1 do_scale=0
 scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
+do_mirror=0 mirror_rss_size=64T mirror_rss_secs=""
 qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
 
 need_arg() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value" >&2; usage >&2; exit 2; }; }
@@ -77,6 +87,10 @@ while [[ $# -gt 0 ]]; do
     --scale-only) do_scale=1; do_main=0; shift ;;
     --scale-sizes) need_arg "$@"; scale_sizes=$2; shift 2 ;;
     --scale-writes) need_arg "$@"; scale_writes=$2; shift 2 ;;
+    --mirror) do_mirror=1; shift ;;
+    --mirror-only) do_mirror=1; do_main=0; do_scale=0; shift ;;
+    --mirror-rss-size) need_arg "$@"; mirror_rss_size=$2; shift 2 ;;
+    --mirror-rss-secs) need_arg "$@"; mirror_rss_secs=$2; shift 2 ;;
     --workdir) need_arg "$@"; workdir_parent=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     --qcowfs) need_arg "$@"; qcowfs_bin=$2; shift 2 ;;
@@ -87,9 +101,13 @@ done
 
 if [[ $quick == 1 ]]; then
   size=${opt_size:-256M} runtime=${opt_runtime:-2} repeat=${opt_repeat:-1}
+  mirror_rss_secs=${mirror_rss_secs:-5}
 else
   size=${opt_size:-1G} runtime=${opt_runtime:-10} repeat=${opt_repeat:-3}
+  mirror_rss_secs=${mirror_rss_secs:-20}
 fi
+[[ $mirror_rss_secs =~ ^[1-9][0-9]*$ ]] || die "--mirror-rss-secs must be a positive integer"
+numfmt --from=iec "$mirror_rss_size" >/dev/null 2>&1 || die "bad --mirror-rss-size: $mirror_rss_size"
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer"
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive integer"
 [[ $scale_writes =~ ^[1-9][0-9]*$ ]] || die "--scale-writes must be a positive integer"
@@ -110,6 +128,12 @@ qcowfs_bin=$(cd "$(dirname "$qcowfs_bin")" && pwd)/$(basename "$qcowfs_bin")
 null_bin=$(dirname "$qcowfs_bin")/qcowfs-null-export
 [[ $ceiling == 0 || -x $null_bin ]] || die "--ceiling: $null_bin not found (cmake --build build --target qcowfs-null-export)"
 [[ -e /dev/fuse ]] || die "/dev/fuse missing"
+if [[ $do_mirror == 1 ]]; then
+  for tool in qemu-io qemu-nbd nbdkit; do
+    command -v "$tool" >/dev/null || die "$tool not found (Debian: apt-get install -y qemu-utils nbdkit)"
+  done
+  (( size_bytes % (4 * 1048576) == 0 )) || die "--mirror: --size must be a multiple of 4M"
+fi
 [[ -d $workdir_parent ]] || die "--workdir $workdir_parent: not a directory"
 
 WORK=$(mktemp -d "$workdir_parent/qcowfs-bench.XXXXXX")
@@ -124,6 +148,7 @@ NULL_PIDFILE=$WORK/null.pid
 QCOWFS_SOCK=$WORK/qcowfs.sock
 QSD_PIDFILE=$WORK/qsd.pid
 LAST_MS=0 # duration of the last mount/unmount, in ms
+NBD_PID="" NBD_COMM="" WATCH_PID="" # --mirror: the NBD server of a target, a status watcher
 
 now_ns() { date +%s%N; }
 is_mounted() { findmnt -n -M "$1" >/dev/null 2>&1; }
@@ -255,6 +280,10 @@ cleanup() {
     kill "$QSD_PID"; wait_gone "$QSD_PID" 30 || kill -9 "$QSD_PID"
   fi
   [[ -n $QSD_MP ]] && is_mounted "$QSD_MP" && fusermount3 -u "$QSD_MP"
+  if [[ -n $WATCH_PID ]]; then kill "$WATCH_PID" 2>/dev/null; wait "$WATCH_PID" 2>/dev/null; fi
+  if [[ -n $NBD_PID ]] && pid_is "$NBD_PID" "$NBD_COMM"; then
+    kill "$NBD_PID"; wait_gone "$NBD_PID" 30 || kill -9 "$NBD_PID"
+  fi
   if [[ $keep == 1 ]]; then
     echo "run.sh: scratch directory kept: $WORK" >&2
   else
@@ -402,6 +431,308 @@ scale_target() { # TARGET SIZE REP
   rm -f "$img"
 }
 
+
+# --- mirror: time to ready, IOPS under a job, RSS on a sparse source ---------------------
+
+MIRROR_CTL=$SCRIPT_DIR/mirror_ctl.py
+QMP_SOCK=$WORK/qmp.sock
+NBD_SOCK=$WORK/nbd.sock
+NBD_PIDFILE=$WORK/nbd.pid
+NBD_URI="nbd+unix:///exp?socket=$NBD_SOCK"
+
+# The mirror source: --size (1G) qcow2, 64K clusters: 1M of random data at every 4M (a
+# quarter of the image), a 1M zero-flagged range (qemu-io write -z) 2M after every other data
+# range (an eighth), the rest unallocated.
+make_mirror_source() { # IMAGE
+  local raw=$WORK/msrc.raw
+  python3 - "$raw" "$size_bytes" <<'PY'
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+with open(path, "wb") as f:
+    f.truncate(size)
+    for off in range(0, size, 4 << 20):
+        f.seek(off)
+        f.write(os.urandom(1 << 20))
+PY
+  qemu-img convert -f raw -O qcow2 -o cluster_size="$cluster_bytes" "$raw" "$1"
+  rm -f "$raw"
+  local -a zc=() off
+  for (( off = 2 * 1048576; off < size_bytes; off += 8 * 1048576 )); do zc+=(-c "write -z $off 1M"); done
+  qemu-io -f qcow2 "${zc[@]}" "$1" >/dev/null
+  check_image "$1" "mirror source"
+}
+
+start_nbd() { # KIND(qemu-nbd|nbdkit-null) FILE-OR-SIZE
+  rm -f "$NBD_SOCK" "$NBD_PIDFILE"
+  if [[ $1 == qemu-nbd ]]; then
+    NBD_COMM=qemu-nbd
+    qemu-nbd --fork --pid-file="$NBD_PIDFILE" -f raw -t -k "$NBD_SOCK" -x exp --discard=unmap "$2" \
+      2>>"$WORK/nbd.log" || { cat "$WORK/nbd.log" >&2; die "qemu-nbd failed"; }
+  else
+    NBD_COMM=nbdkit
+    nbdkit -U "$NBD_SOCK" -P "$NBD_PIDFILE" -e exp null "$2" 2>>"$WORK/nbd.log" ||
+      { cat "$WORK/nbd.log" >&2; die "nbdkit failed"; }
+  fi
+  local i
+  for (( i = 0; i < 500; i++ )); do [[ -s $NBD_PIDFILE && -S $NBD_SOCK ]] && break; sleep 0.01; done
+  [[ -s $NBD_PIDFILE ]] || die "$NBD_COMM wrote no pidfile"
+  NBD_PID=$(<"$NBD_PIDFILE")
+}
+
+stop_nbd() {
+  if [[ -n $NBD_PID ]] && pid_is "$NBD_PID" "$NBD_COMM"; then
+    kill "$NBD_PID"
+    wait_gone "$NBD_PID" 30 || die "$NBD_COMM (pid $NBD_PID) did not exit"
+  fi
+  NBD_PID=""
+}
+
+# qemu-storage-daemon with the source opened as node "src" and a QMP monitor, no export.
+start_qsd_qmp() { # IMAGE
+  local img=${1//,/,,}
+  rm -f "$QSD_PIDFILE" "$QMP_SOCK"
+  qemu-storage-daemon --daemonize --pidfile "$QSD_PIDFILE" \
+    --blockdev "driver=file,node-name=srcfile,filename=$img,aio=threads" \
+    --blockdev "driver=qcow2,node-name=src,file=srcfile" \
+    --chardev "socket,id=qmp0,path=$QMP_SOCK,server=on,wait=off" --monitor chardev=qmp0 \
+    2>>"$WORK/qsd.log" || { cat "$WORK/qsd.log" >&2; die "qemu-storage-daemon failed on $1"; }
+  [[ -s $QSD_PIDFILE ]] || die "qemu-storage-daemon wrote no pidfile"
+  QSD_PID=$(<"$QSD_PIDFILE")
+}
+
+# Fails the run unless TARGET reads exactly like the source (holes read as zeros).
+compare_images() { # SOURCE TARGET TARGET-FORMAT LABEL
+  local out rc=0
+  out=$(qemu-img compare -f qcow2 -F "$3" "$1" "$2" 2>&1) || rc=$?
+  log "qemu-img compare ($4): rc=$rc: $out"
+  printf 'compare\t%s\t%s\n' "$4" "$rc" >>"$WORK/checks.tsv"
+  [[ $rc == 0 ]] || die "qemu-img compare: the target differs from the source after $4 (rc=$rc)"
+}
+
+# One time-to-ready run: TOOL (qcowfs|qemu|convert) copies the source to a fresh target of
+# KIND (qcow2|raw|nbd), then the target is compared with the source and checked.
+mirror_ready_one() { # TOOL KIND REP
+  local tool=$1 kind=$2 rep=$3 src=$WORK/msrc.qcow2 tgt fmt r t bytes t_start=- cpu mp=$WORK/mnt
+  case $kind in
+    qcow2) tgt=$WORK/mtgt.qcow2 fmt=qcow2 ;;
+    raw) tgt=$WORK/mtgt.raw fmt=raw ;;
+    nbd) tgt=$WORK/mtgt-nbd.raw fmt=raw ;;
+  esac
+  rm -f "$tgt"
+  if [[ $kind == nbd ]]; then truncate -s "$size_bytes" "$tgt"; start_nbd qemu-nbd "$tgt"; fi
+  warm "$src"
+  sync -f "$WORK"
+  case $tool in
+    qcowfs)
+      mount_qcowfs "$src" "$mp"
+      local job
+      case $kind in
+        qcow2) job="{\"id\": \"b\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}" ;;
+        raw) job="{\"id\": \"b\", \"target\": {\"path\": \"$tgt\", \"format\": \"raw\"}}" ;;
+        nbd) job="{\"id\": \"b\", \"target\": {\"nbd\": \"$NBD_URI\"}}" ;;
+      esac
+      r=$(python3 "$MIRROR_CTL" qcowfs-ready "$QCOWFS_SOCK" "$job" 600 "$QCOWFS_PID") ||
+        die "qcowfs mirror to $kind failed"
+      read -r t bytes t_start cpu <<<"$r"
+      # Stop with an exact copy: flushed and closed (SPEC §6 complete --no-pivot).
+      python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "b", "pivot": false}' >/dev/null ||
+        die "qcowfs mirror complete --no-pivot failed"
+      umount_qcowfs
+      ;;
+    qemu)
+      case $kind in
+        qcow2) qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$tgt" "$size_bytes" ;;
+        raw) truncate -s "$size_bytes" "$tgt" ;;
+      esac
+      start_qsd_qmp "$src"
+      if [[ $kind == nbd ]]; then
+        r=$(BENCH_PID=$QSD_PID python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" nbd "$NBD_SOCK" exp 600) ||
+          die "QEMU mirror to $kind failed"
+      else
+        r=$(BENCH_PID=$QSD_PID python3 "$MIRROR_CTL" qmp-mirror "$QMP_SOCK" "$kind" "$tgt" 600) ||
+          die "QEMU mirror to $kind failed"
+      fi
+      read -r t bytes t_start cpu <<<"$r"
+      umount_qsd
+      ;;
+    convert)
+      case $kind in
+        qcow2) r=$(python3 "$MIRROR_CTL" timed qemu-img convert -f qcow2 -O qcow2 -o cluster_size="$cluster_bytes" "$src" "$tgt") ;;
+        raw) r=$(python3 "$MIRROR_CTL" timed qemu-img convert -f qcow2 -O raw "$src" "$tgt") ;;
+        nbd) r=$(python3 "$MIRROR_CTL" timed qemu-img convert -n -f qcow2 -O raw "$src" "$NBD_URI") ;;
+      esac || die "qemu-img convert to $kind failed"
+      read -r t bytes t_start cpu <<<"$r"
+      ;;
+  esac
+  [[ $kind == nbd ]] && stop_nbd
+  compare_images "$src" "$tgt" "$fmt" "$tool mirror to $kind run $rep"
+  [[ $kind == qcow2 ]] && check_image "$tgt" "$tool mirror target $kind run $rep"
+  check_image "$src" "source after $tool to $kind run $rep"
+  log "  $tool -> $kind: ready after $t s, CPU $cpu s ($bytes bytes done; start command replied or blockdev-mirror sent after $t_start s), target $(du -k "$tgt" | cut -f1) KiB on disk"
+  record mready "$kind" s "$tool" "$rep" "$t"
+  record mready_cpu "$kind" s "$tool" "$rep" "$cpu"
+  rm -f "$tgt"
+}
+
+# 4k random writes (4 jobs, like rand-rewrite-4k-4j but over the whole mirror source: holes
+# and zeros included, so writes first allocate) through the mount for --runtime seconds,
+# without a job or while a job of MODE copies to a new qcow2 file. The job is started just
+# before fio; a watcher records when it is first ready. After fio the job is completed
+# without pivot (waiting for ready first) and the target compared with the source.
+mirror_iops_one() { # MODE(none|background|write-blocking|write-blocking-ready) REP
+  local mode=$1 rep=$2 img=$WORK/miops.qcow2 tgt=$WORK/miops-tgt.qcow2 mp=$WORK/mnt out v
+  local watch=$WORK/watch.out state="-" when="-" r
+  cp --sparse=always "$WORK/msrc.qcow2" "$img"
+  rm -f "$tgt" "$watch"
+  warm "$img"
+  sync -f "$WORK"
+  mount_qcowfs "$img" "$mp"
+  if [[ $mode == write-blocking-ready ]]; then
+    # The steady state: the job is ready before fio starts, every write goes through.
+    python3 "$MIRROR_CTL" qcowfs-ready "$QCOWFS_SOCK" \
+      "{\"id\": \"w\", \"mode\": \"write-blocking\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}" 600 \
+      >/dev/null || die "qcowfs mirror ($mode) failed"
+  elif [[ $mode != none ]]; then
+    # Starts the job 1 s after fio (in fio's 2 s ramp, not counted), then watches it until
+    # ready or until fio ends (runtime + 1 s after the job's start).
+    python3 "$MIRROR_CTL" qcowfs-watch "$QCOWFS_SOCK" \
+      "{\"id\": \"w\", \"mode\": \"$mode\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}" \
+      "$watch" 1 "$(( runtime + 1 ))" &
+    WATCH_PID=$!
+  fi
+  out=$WORK/fio-mirror-$mode-$rep.json
+  run_fio "$out" "$mp" 1 --size="$size_bytes" --time_based --ramp_time=2 --runtime="$runtime" \
+    --rw=randwrite --bs=4k --numjobs=4
+  v=$(fio_value "$out" IOPS)
+  if [[ $mode == write-blocking-ready ]]; then
+    state=$(python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-status '{"id": "w"}' |
+      python3 -c 'import json, sys; print(json.load(sys.stdin)["state"])')
+    [[ $state == ready ]] || die "mirror job ($mode) is $state after fio"
+    python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "w", "pivot": false}' >/dev/null ||
+      die "qcowfs mirror complete --no-pivot ($mode) failed"
+  elif [[ $mode != none ]]; then
+    wait "$WATCH_PID" || die "the mirror job ($mode) failed to start or failed: $(cat "$watch" 2>/dev/null)"
+    WATCH_PID=""
+    read -r state when <"$watch"
+    [[ $state == ready || $state == running ]] || die "mirror job ($mode) under load ended $state"
+    # Under load "ready" counts only if it came before fio ended.
+    if [[ $state == ready ]] && awk -v w="$when" -v r="$(( runtime + 1 ))" 'BEGIN {exit !(w <= r)}'; then
+      record miops_ready "$mode" s qcowfs "$rep" "$when"
+    else
+      record miops_ready "$mode" s qcowfs "$rep" -1
+      state=running when="-"
+    fi
+    python3 "$MIRROR_CTL" qcowfs-ready-wait "$QCOWFS_SOCK" w 300 >/dev/null 2>&1 || true
+    python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "w", "pivot": false}' >/dev/null ||
+      die "qcowfs mirror complete --no-pivot ($mode) failed"
+  fi
+  umount_qcowfs
+  check_image "$img" "mirror iops $mode run $rep"
+  if [[ $mode != none ]]; then
+    compare_images "$img" "$tgt" qcow2 "mirror iops $mode run $rep"
+    check_image "$tgt" "mirror iops $mode target run $rep"
+  fi
+  record miops "$mode" IOPS qcowfs "$rep" "$v"
+  log "  4k randwrite 4 jobs, job: $mode: $v IOPS; job ready within fio's runtime: $state (after $when s)"
+  rm -f "$img" "$tgt"
+}
+
+# Peak VmRSS of the daemon while a job copies a sparse --mirror-rss-size source to KIND
+# (nbd: nbdkit null of the same size, never known zero, so every byte is copied or zeroed;
+# qcow2: a new file, known zero, only the allocated clusters are copied). Sampled every
+# 20 ms until the job is ready or --mirror-rss-secs passed, then completed without pivot
+# (ready) or cancelled. TOOL qemu: the same job in qemu-storage-daemon, for reference.
+mirror_rss_one() { # TOOL KIND REP
+  local tool=$1 kind=$2 rep=$3 img=$WORK/mrss.qcow2 mp=$WORK/mnt tgt=$WORK/mrss-tgt.qcow2 job pid
+  local vbytes off step i rss0 res peak state secs done_b
+  vbytes=$(numfmt --from=iec "$mirror_rss_size")
+  rm -f "$img" "$tgt"
+  qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$img" "$vbytes"
+  local -a wc=()
+  step=$(( vbytes / 64 ))
+  for (( i = 0; i < 64; i++ )); do
+    off=$(( (i * step + (i * 1048576) % step) / 65536 * 65536 ))
+    wc+=(-c "write -P $(( i + 1 )) $off 64k")
+  done
+  qemu-io -f qcow2 "${wc[@]}" "$img" >/dev/null
+  [[ $kind == nbd ]] && start_nbd nbdkit-null "$vbytes"
+  if [[ $tool == qcowfs ]]; then
+    mount_qcowfs "$img" "$mp"
+    pid=$QCOWFS_PID
+    rss0=$(rss_kib "$pid")
+    if [[ $kind == nbd ]]; then
+      job="{\"id\": \"r\", \"target\": {\"nbd\": \"$NBD_URI\"}}"
+    else
+      job="{\"id\": \"r\", \"target\": {\"path\": \"$tgt\", \"format\": \"qcow2\"}}"
+    fi
+    res=$(python3 "$MIRROR_CTL" qcowfs-rss "$QCOWFS_SOCK" "$job" "$pid" "$mirror_rss_secs") ||
+      die "qcowfs mirror on the $mirror_rss_size source to $kind failed"
+    read -r peak state secs done_b <<<"$res"
+    if [[ $state == ready ]]; then
+      python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-complete '{"id": "r", "pivot": false}' >/dev/null ||
+        die "qcowfs mirror complete --no-pivot failed"
+    else
+      python3 "$MIRROR_CTL" qcowfs-cmd "$QCOWFS_SOCK" mirror-cancel '{"id": "r"}' >/dev/null ||
+        die "qcowfs mirror cancel failed"
+    fi
+    umount_qcowfs
+  else
+    [[ $kind == qcow2 ]] && qemu-img create -q -f qcow2 -o cluster_size="$cluster_bytes" "$tgt" "$vbytes"
+    start_qsd_qmp "$img"
+    pid=$QSD_PID
+    rss0=$(rss_kib "$pid")
+    if [[ $kind == nbd ]]; then
+      res=$(python3 "$MIRROR_CTL" qmp-rss "$QMP_SOCK" "$pid" "$mirror_rss_secs" nbd "$NBD_SOCK" exp) ||
+        die "QEMU mirror on the $mirror_rss_size source to $kind failed"
+    else
+      res=$(python3 "$MIRROR_CTL" qmp-rss "$QMP_SOCK" "$pid" "$mirror_rss_secs" qcow2 "$tgt") ||
+        die "QEMU mirror on the $mirror_rss_size source to $kind failed"
+    fi
+    read -r peak state secs done_b <<<"$res"
+    umount_qsd
+  fi
+  [[ $kind == nbd ]] && stop_nbd
+  check_image "$img" "mirror rss $tool source run $rep"
+  if [[ $kind == qcow2 ]]; then
+    check_image "$tgt" "mirror rss $tool $kind target run $rep"
+    [[ $tool != qcowfs || $state != ready ]] || compare_images "$img" "$tgt" qcow2 "mirror rss $tool $kind run $rep"
+  fi
+  record mrss "$kind" rss_peak_kib "$tool" "$rep" "$peak"
+  record mrss "$kind" rss_mount_kib "$tool" "$rep" "$rss0"
+  record mrss "$kind" secs "$tool" "$rep" "$secs"
+  record mrss "$kind" bytes_done "$tool" "$rep" "$done_b"
+  record mrss "$kind" ready "$tool" "$rep" "$([[ $state == ready ]] && echo 1 || echo 0)"
+  log "  $tool: $mirror_rss_size source -> $kind: VmRSS ${rss0} KiB after open, peak ${peak} KiB during the job; job $state after $secs s, $done_b bytes done"
+  rm -f "$img" "$tgt"
+}
+
+run_mirror() {
+  local rep i tools=(qcowfs qemu convert) kinds=(qcow2 raw nbd) modes=(none background write-blocking write-blocking-ready)
+  log "mirror: source $size ($size_bytes bytes), cluster $cluster"
+  make_mirror_source "$WORK/msrc.qcow2"
+  for (( rep = 1; rep <= repeat; rep++ )); do
+    log "mirror time to ready, run $rep/$repeat"
+    for kind in "${kinds[@]}"; do
+      for (( i = 0; i < ${#tools[@]}; i++ )); do
+        mirror_ready_one "${tools[$(( (i + rep - 1) % ${#tools[@]} ))]}" "$kind" "$rep"
+      done
+    done
+  done
+  for (( rep = 1; rep <= repeat; rep++ )); do
+    log "mirror IOPS under a job, run $rep/$repeat"
+    for (( i = 0; i < ${#modes[@]}; i++ )); do
+      mirror_iops_one "${modes[$(( (i + rep - 1) % ${#modes[@]} ))]}" "$rep"
+    done
+  done
+  for (( rep = 1; rep <= repeat; rep++ )); do
+    log "mirror RSS on a $mirror_rss_size source, run $rep/$repeat"
+    for kind in qcow2 nbd; do
+      for tool in qcowfs qemu; do mirror_rss_one "$tool" "$kind" "$rep"; done
+    done
+  done
+  rm -f "$WORK/msrc.qcow2"
+}
+
 # --- run --------------------------------------------------------------------------------
 
 # Idle CPU share over one second, from /proc/stat: the numbers mean little on a busy machine.
@@ -417,6 +748,7 @@ if (( IDLE_START < 90 )); then
   log "WARNING: the machine is busy before the start (${IDLE_START}% idle): results will be noisy"
 fi
 START=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 if [[ $do_main == 1 ]]; then
   log "scratch: $WORK; image $size ($size_bytes bytes), cluster $cluster, runtime ${runtime}s, repeat $repeat"
   if [[ $any_rewrite == 1 ]]; then
@@ -448,7 +780,11 @@ if [[ $do_scale == 1 ]]; then
     done
   done
 fi
+if [[ $do_mirror == 1 ]]; then
+  run_mirror
+fi
 END=$(date +%s)
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 IDLE_END=$(idle_pct)
 
 # --- report -----------------------------------------------------------------------------
@@ -464,6 +800,8 @@ cat <<EOF
 - machine: $(nproc) vCPU, ${cpu:-unknown CPU}, $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)
 - $qemu_ver; $(fio --version); qcowfs $git_rev, binary built $(date -r "$qcowfs_bin" '+%F %T') (threads: $qcowfs_threads)
 - $( [[ $do_main == 1 ]] && echo "image: $size, cluster $cluster; fio psync iodepth 1 per job, runtime ${runtime}s; raw copy $( [[ $raw_direct == 1 ]] && echo "O_DIRECT" || echo "buffered (page cache, like the daemons' own image I/O)"); " )medians of $repeat run(s)$( [[ $do_scale == 1 ]] && echo "; scale: cluster $cluster, $scale_writes random 4k writes (fixed seed) over each image" )
+$( [[ $do_mirror == 1 ]] && echo "- mirror: source $size qcow2 (cluster $cluster): 1M of random data every 4M, 1M zero-flagged every 8M, the rest unallocated; job defaults (granularity = cluster size, buf_size 16M); IOPS: fio 4k randwrite, 4 jobs, ${runtime}s; RSS: $mirror_rss_size sparse source, 64 writes of 64k, sampled every 20 ms for up to ${mirror_rss_secs}s" )
+- load average (1, 5, 15 min) at the start: $LOAD_START, at the end: $LOAD_END
 - wall time: $(( (END - START) / 60 )) min $(( (END - START) % 60 )) s; CPU idle before/after: ${IDLE_START}% / ${IDLE_END}%$( (( IDLE_START < 90 || IDLE_END < 90 )) && echo " (**busy machine: noisy**)" ); qemu-img check: $(wc -l <"$WORK/checks.tsv" 2>/dev/null || echo 0) checks, all clean
 
 EOF
@@ -476,6 +814,8 @@ rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 main = OrderedDict()
 scale = OrderedDict()
 for sec, name, unit, target, rep, val in rows:
+    if sec not in ("main", "scale"):
+        continue
     d = main if sec == "main" else scale
     d.setdefault((name, unit), defaultdict(list))[target].append(float(val))
 
@@ -510,6 +850,79 @@ if main:
     print("\nAll runs (%s):\n" % " / ".join(keys))
     for (name, unit), t in main.items():
         print("- %s: %s" % (name, " / ".join(", ".join(fmt(x, unit) for x in t[k]) for k in keys)))
+    print()
+
+mready = OrderedDict()
+miops = OrderedDict()
+mrss = OrderedDict()
+for sec, name, unit, target, rep, val in rows:
+    if sec == "mready":
+        mready.setdefault(name, defaultdict(list))[target].append(float(val))
+    elif sec == "mready_cpu":
+        mready.setdefault(name, defaultdict(list))[target + "_cpu"].append(float(val))
+    elif sec in ("miops", "miops_ready"):
+        miops.setdefault(name, defaultdict(list))[sec].append(float(val))
+    elif sec == "mrss":
+        mrss.setdefault(name, defaultdict(list))[(unit, target)].append(float(val))
+
+if mready:
+    print("### mirror: time to ready (medians, seconds; lower is better)\n")
+    print("| target | qcowfs mirror | QEMU blockdev-mirror | qemu-img convert | qcowfs speed / QEMU mirror | qcowfs speed / convert |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind, t in mready.items():
+        c, q, v = med(t["qcowfs"]), med(t["qemu"]), med(t["convert"])
+        f = lambda x: "%.3f" % x if x is not None else "-"
+        print("| %s | %s | %s | %s | **%s** | %s |" % (kind, f(c), f(q), f(v), ratio(q, c), ratio(v, c)))
+    print("\nCPU seconds (user + system) of the copying process from the start command until ready (medians; for")
+    print("qcowfs and QEMU the whole daemon, for convert the qemu-img process):\n")
+    print("| target | qcowfs | QEMU | convert |")
+    print("|---|---:|---:|---:|")
+    for kind, t in mready.items():
+        f = lambda x: "%.2f" % x if x is not None else "-"
+        print("| %s | %s | %s | %s |" % (kind, f(med(t["qcowfs_cpu"])), f(med(t["qemu_cpu"])), f(med(t["convert_cpu"]))))
+    print("\nAll runs, seconds to ready (qcowfs / QEMU / convert):\n")
+    for kind, t in mready.items():
+        print("- %s: %s" % (kind, " / ".join(", ".join("%.3f" % x for x in t[k]) for k in ("qcowfs", "qemu", "convert"))))
+    print()
+
+if miops:
+    base = med(miops.get("none", {}).get("miops", []))
+    print("### mirror: 4k random write IOPS through the mount (4 jobs) during a job (medians)\n")
+    print("| job (to a new local qcow2 file) | IOPS | fraction of no job | ready before fio ended | time to ready under load (median s) |")
+    print("|---|---:|---:|---|---:|")
+    for mode, t in miops.items():
+        v = med(t["miops"])
+        rd = t.get("miops_ready", [])
+        ok = [x for x in rd if x >= 0]
+        if mode == "none":
+            readycol = "-"
+        elif mode == "write-blocking-ready":
+            readycol = "ready before fio started, still ready after"
+        else:
+            readycol = "%d of %d runs" % (len(ok), len(rd))
+        print("| %s | %s | **%s** | %s | %s |" % (mode, fmt(v, "IOPS"), ratio(v, base) if mode != "none" else "1.00",
+              readycol, "%.2f" % med(ok) if ok else "-"))
+    print("\nAll runs (IOPS): %s\n" % "; ".join("%s %s" % (m, ", ".join("%.0f" % x for x in t["miops"])) for m, t in miops.items()))
+
+if mrss:
+    print("### mirror: daemon VmRSS during a job on a sparse source (medians of the per-run peak)\n")
+    print("Bound for qcowfs: metadata cache 32M + buf_size 16M + 16M = 64 MiB.\n")
+    print("| target | daemon | VmRSS MiB after open | peak VmRSS MiB during the job | max over runs | within 64 MiB | job when sampling stopped | bytes done (median) |")
+    print("|---|---|---:|---:|---:|---|---|---:|")
+    for kind, t in mrss.items():
+        for tool in ("qcowfs", "qemu"):
+            if not t.get(("rss_peak_kib", tool)):
+                continue
+            g = lambda k: t[(k, tool)]
+            r0, pk, mx = med(g("rss_mount_kib")), med(g("rss_peak_kib")), max(g("rss_peak_kib"))
+            nready = sum(1 for x in g("ready") if x)
+            n = len(g("ready"))
+            state = ("ready after %.2f s (median)" % med(g("secs"))) if nready == n else \
+                ("not ready in %d of %d runs (sampled %.0f s)" % (n - nready, n, med(g("secs"))))
+            within = ("**yes**" if mx <= 64 * 1024 else "**no**") if tool == "qcowfs" else "-"
+            print("| %s | %s | %.1f | %.1f | %.1f | %s | %s | %.0f MiB |" % (
+                kind, "qcowfs" if tool == "qcowfs" else "qemu-storage-daemon", r0 / 1024, pk / 1024, mx / 1024,
+                within, state, med(g("bytes_done")) / 1048576))
     print()
 
 if scale:
