@@ -607,19 +607,8 @@ Result<block::BlockStatus> Qcow2Image::GetTopBlockStatus(uint64_t offset, uint64
 Result<block::BlockStatus> Qcow2Image::BlockStatusOf(uint64_t offset, uint64_t len, bool top_only) {
   if (offset >= Size()) return Status::Invalid(name_ + ": block status beyond the end");
   len = std::min<uint64_t>(len, Size() - offset);
-  // One L2 table's span at most per call: a walk over the image stays linear.
+  // One L2 table's span at most per call.
   len = std::min<uint64_t>(len, geo_.l2_span() - offset % geo_.l2_span());
-  std::vector<Extent> ext;
-  for (;;) {
-    uint64_t n;
-    {
-      ReaderLock lock(&meta_mu_);
-      n = MapCached(offset, len, &ext);
-    }
-    if (n > 0) break;
-    WriterLock lock(&meta_mu_);
-    RETURN_IF_ERROR(LoadL2(l1_[offset / geo_.l2_span()] & kL1OffsetMask));
-  }
   auto kind_of = [](Extent::Kind k) {
     switch (k) {
       case Extent::kData:
@@ -628,27 +617,49 @@ Result<block::BlockStatus> Qcow2Image::BlockStatusOf(uint64_t offset, uint64_t l
       default: return block::ExtentType::kUnallocated;
     }
   };
-  const Extent& first = ext.front();
-  // What a read there would fail with (EIO), never reported as zeros: a mirror copying it
-  // must fail, not write zeros.
-  if (first.kind == Extent::kInvalid) return InvalidEntry(first.guest / geo_.cluster_size, first.host != 0);
-  if (first.kind == Extent::kBacking) {
+  // Maps a window that grows (x4) until the first run ends inside it, so a call costs
+  // about the length of the run it reports and a walk over a fragmented table stays
+  // linear (mapping the whole rest of the table on every call would be quadratic).
+  const uint64_t cs = geo_.cluster_size;
+  uint64_t win = std::min<uint64_t>(len, 64 * cs - offset % cs);
+  std::vector<Extent> ext;
+  for (;;) {
+    for (;;) {
+      ext.clear();
+      uint64_t n;
+      {
+        ReaderLock lock(&meta_mu_);
+        n = MapCached(offset, win, &ext);
+      }
+      if (n > 0) break;
+      WriterLock lock(&meta_mu_);
+      RETURN_IF_ERROR(LoadL2(l1_[offset / geo_.l2_span()] & kL1OffsetMask));
+    }
+    const Extent& first = ext.front();
+    // What a read there would fail with (EIO), never reported as zeros: a mirror copying
+    // it must fail, not write zeros.
+    if (first.kind == Extent::kInvalid) return InvalidEntry(first.guest / cs, first.host != 0);
+    const bool backing = first.kind == Extent::kBacking;
+    const block::ExtentType t = kind_of(first.kind);
+    uint64_t n = 0;
+    for (const Extent& e : ext) {
+      if (backing ? e.kind != Extent::kBacking
+                  : (kind_of(e.kind) != t || e.kind == Extent::kBacking || e.kind == Extent::kInvalid))
+        break;
+      n += e.len;
+    }
+    if (n == win && win < len) {
+      win = std::min<uint64_t>(len, win * 4);
+      continue;
+    }
+    if (!backing) return block::BlockStatus{t, n};
     // Unallocated here: the backing chain decides (past its end: zeros).
     uint64_t bsize = backing_->Size();
-    uint64_t n = first.len;
-    for (size_t i = 1; i < ext.size() && ext[i].kind == Extent::kBacking; i++) n += ext[i].len;
     if (top_only || offset >= bsize) return block::BlockStatus{block::ExtentType::kUnallocated, n};
     ASSIGN_OR_RETURN(auto bs, backing_->GetBlockStatus(offset, std::min(n, bsize - offset)));
     if (bs.type == block::ExtentType::kZero) bs.type = block::ExtentType::kUnallocated;
     return bs;
   }
-  block::ExtentType t = kind_of(first.kind);
-  uint64_t n = 0;
-  for (const Extent& e : ext) {
-    if (kind_of(e.kind) != t || e.kind == Extent::kBacking || e.kind == Extent::kInvalid) break;
-    n += e.len;
-  }
-  return block::BlockStatus{t, n};
 }
 
 }  // namespace qcowfs::qcow2
