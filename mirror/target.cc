@@ -79,6 +79,7 @@ Result<Target> OpenTarget(const config::MirrorTarget& t, const SourceInfo& src, 
       co.cluster_bits = src.cluster_bits;
       co.backing_file = backing;
       co.backing_format = backing_format;
+      co.sync = false;  // flushed with the rest before the job is ready
       Status s = qcow2::CreateFile(p, co);
       if (!s.ok()) return Refuse("target.path", p, s.message());
     } else {

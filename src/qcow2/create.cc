@@ -62,7 +62,7 @@ Status CreateOn(block::BlockDevice* host, const CreateOptions& o) {
   RETURN_IF_ERROR(host->Resize(0));
   RETURN_IF_ERROR(host->Write(0, c0.data(), c0.size()));
   RETURN_IF_ERROR(host->Write(cs, meta.data(), meta.size()));
-  return host->Flush();
+  return o.sync ? host->Flush() : Status::Ok();
 }
 
 Status CreateFile(const std::string& path, const CreateOptions& opts) {

@@ -20,6 +20,9 @@ struct CreateOptions {
   std::string backing_format;  // "qcow2", "raw" or empty
   std::string data_file;       // external data file name, stored as given
   bool data_file_raw = false;
+  // fdatasync the new image before returning. A mirror target skips it: the job flushes
+  // the target before it is ready, and a target is not usable before that anyway.
+  bool sync = true;
 };
 
 // Writes a new empty image onto host (which must be empty or truncatable).
