@@ -1,7 +1,7 @@
 // The mirror job on memory devices: the sparse chunk sets, a copy of a source with data
-// and holes, write-blocking writes on the target when they return, and the two races a
-// stale copy could slip through (a background copy and a copy-on-read that read the
-// source before a guest write). Each race runs once with the ordering (claim + clear the
+// and holes, write-blocking writes on the target when they return, convergence against a
+// slow target, and the two races a stale copy could slip through (a background copy and a
+// copy-on-read that read the source before a guest write). Each race runs once with the ordering (claim + clear the
 // dirty bits before the source read) switched off and must then see the stale data land.
 #include <doctest/doctest.h>
 
@@ -20,6 +20,7 @@
 #include "mirror/mirror_filter.h"
 #include "mirror/mirror_job.h"
 #include "support/mem_device.h"
+#include "support/slow_device.h"
 
 namespace qcowfs::mirror {
 namespace {
@@ -117,7 +118,13 @@ struct Rig {
     c.buf_size = 1 * MiB;
     c.speed = speed;
     Target t;
-    t.dev = std::make_unique<block::ForwardingDevice>(&dst);
+    if (target_rate > 0) {
+      auto slow = std::make_unique<testing::SlowDevice>(&dst, target_rate);
+      slow_target = slow.get();
+      t.dev = std::move(slow);
+    } else {
+      t.dev = std::make_unique<block::ForwardingDevice>(&dst);
+    }
     t.known_zero = true;
     t.desc = "mem";
     return std::make_unique<MirrorJob>(c, 64 * KiB, "img", &filter, &hold, std::move(t));
@@ -126,6 +133,8 @@ struct Rig {
   ReadThenHold hold;
   MirrorFilter filter;
   MemDevice dst;
+  uint64_t target_rate = 0;  // > 0: the target is a SlowDevice writing this many bytes/s
+  testing::SlowDevice* slow_target = nullptr;
 };
 
 TEST_CASE("mirror job: background copy of data and holes, then guest writes; complete without pivot") {
@@ -216,6 +225,86 @@ TEST_CASE("mirror race: a background copy that read before a guest write is redo
 TEST_CASE("mirror race: a copy-on-read that read before a guest write is redone") {
   SUBCASE("ordered") { StaleCopyRace(true, false); }
   SUBCASE("ordering off: the stale copy lands") { StaleCopyRace(true, true); }
+}
+
+// Guest writes through the filter from threads until stopped: random 4K..64K writes in
+// [0, size).
+class FilterWriters {
+ public:
+  FilterWriters(MirrorFilter* f, uint64_t size, int threads) {
+    for (int t = 0; t < threads; t++)
+      threads_.emplace_back([this, f, size, t] {
+        std::mt19937_64 rng(100 + t);
+        std::vector<uint8_t> b(64 * KiB);
+        while (!stop_) {
+          uint64_t len = 4 * KiB * (1 + rng() % 16), off = (rng() % (size - len)) & ~4095ull;
+          std::fill(b.begin(), b.end(), static_cast<uint8_t>(rng()));
+          if (!f->Write(off, b.data(), len).ok()) failures_++;
+          writes_++;
+        }
+      });
+  }
+  ~FilterWriters() { Stop(); }
+  bool Stop() {
+    stop_ = true;
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+    return failures_ == 0;
+  }
+  int writes() const { return writes_; }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<int> writes_{0}, failures_{0};
+  std::vector<std::thread> threads_;
+};
+
+// Convergence against a target slower than the guest (8 MiB/s; the writers on memory are
+// far faster). Write-blocking: once the scan has marked everything, the dirty count never
+// grows whatever the guest writes (writes into copied chunks go through, writes into dirty
+// chunks add nothing), so the job becomes ready while the writers keep writing. Background:
+// the same writers re-dirty chunks faster than the copy cleans them; no ready until they stop.
+TEST_CASE("mirror job: write-blocking converges under writers faster than a slow target; background does not") {
+  for (auto mode : {config::MirrorJobConfig::Mode::kWriteBlocking, config::MirrorJobConfig::Mode::kBackground}) {
+    const bool blocking = mode == config::MirrorJobConfig::Mode::kWriteBlocking;
+    INFO(blocking ? "write-blocking" : "background");
+    Rig r(4 * MiB);
+    r.target_rate = 8 * MiB;
+    auto job = r.Job(mode, false, 0);
+    FilterWriters w(&r.filter, 4 * MiB, 2);
+    job->Start();
+    // The scan is done once every chunk was counted (a known-zero target, all data).
+    auto scanned = [&] { return job->Report().bytes_total >= 4 * MiB; };
+    for (int i = 0; i < 4000 && !scanned(); i++) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    REQUIRE(scanned());
+    uint64_t dirty = job->Report().dirty_bytes, max_growth = 0;
+    JobState st = JobState::kRunning;
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(blocking ? 60 : 2);
+    while (std::chrono::steady_clock::now() < until) {
+      auto rep = job->Report();
+      if (rep.dirty_bytes > dirty) max_growth = std::max(max_growth, rep.dirty_bytes - dirty);
+      dirty = rep.dirty_bytes;
+      st = job->state();
+      if (st != JobState::kRunning) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    if (blocking) {
+      CHECK(max_growth == 0);
+      REQUIRE(st == JobState::kReady);
+      int at_ready = w.writes();
+      for (int i = 0; i < 4000 && w.writes() < at_ready + 50; i++) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      CHECK(w.writes() >= at_ready + 50);  // the writers went on and the job stays ready
+      CHECK(job->state() == JobState::kReady);
+      CHECK(job->Report().actively_synced);
+    } else {
+      CHECK(max_growth > 0);
+      CHECK(st == JobState::kRunning);
+    }
+    REQUIRE(w.Stop());
+    REQUIRE(job->WaitReadyOrEnd(60000) == JobState::kReady);
+    REQUIRE(job->Complete(false).ok());
+    CHECK(Contents(&r.dst, 0, 4 * MiB) == Contents(&r.src, 0, 4 * MiB));
+  }
 }
 
 TEST_CASE("mirror job: a target error fails the job, never the guest") {
