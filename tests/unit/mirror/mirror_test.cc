@@ -1,8 +1,9 @@
 // The mirror job on memory devices: the sparse chunk sets, a copy of a source with data
 // and holes, write-blocking writes on the target when they return, convergence against a
 // slow target, and the two races a stale copy could slip through (a background copy and a
-// copy-on-read that read the source before a guest write). Each race runs once with the ordering (claim + clear the
-// dirty bits before the source read) switched off and must then see the stale data land.
+// copy-on-read that read the source before a guest write). Each race runs once with the
+// ordering (claim + clear the dirty bits before the source read) switched off and must
+// then see the stale data land.
 #include <doctest/doctest.h>
 
 #include <atomic>
