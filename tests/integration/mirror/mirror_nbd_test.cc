@@ -146,7 +146,7 @@ TEST_CASE("mirror nbd: injected EIO, a full target, a killed server fail the job
     bool kill;  // killed (SIGKILL) mid-job under write-blocking, else refused by `start --wait`
   } cases[] = {{"error filter", {"--filter=error", "memory", "8M", "error=EIO", "error-pwrite-rate=100%"}, "Input/output error", false},
                {"full plugin", {"full", "8M"}, "No space left", false},
-               {"killed server", {"memory", "8M"}, "connection lost", true}};
+               {"killed server", {"memory", "8M"}, "not connected", true}};
   for (const auto& c : cases) {
     INFO(c.name);
     MirrorRig r;
@@ -179,7 +179,7 @@ TEST_CASE("mirror nbd: injected EIO, a full target, a killed server fail the job
     std::string state = r.JobState("e");
     INFO(state);
     CHECK(Contains(state, "failed"));
-    CHECK(Contains(state, c.cause));
+    CHECK((Contains(state, c.cause) || (c.kill && Contains(state, "connection lost"))));
     CHECK(r.Mirror({"cancel", "e"}, 5000).exit_code == 0);
     CHECK_UNMOUNTS(*g);
     CheckClean(r.img);
@@ -220,9 +220,10 @@ TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rat
         r.MustMirror({"start", job});
         // Sampled over at least 100 writes and 3 s: never ready while the writer runs.
         bool ready = false;
-        auto until = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+        auto now = std::chrono::steady_clock::now;
+        auto until = now() + std::chrono::seconds(3), cap = now() + std::chrono::seconds(60);
         int from = w.writes();
-        while (std::chrono::steady_clock::now() < until || w.writes() < from + 100) {
+        while ((now() < until || w.writes() < from + 100) && now() < cap) {
           if (Contains(r.JobState("c"), "ready")) ready = true;
           std::this_thread::sleep_for(std::chrono::milliseconds(100));
         }
@@ -245,6 +246,11 @@ TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rat
 // the log shows every request that arrived) is paused with a copy (background) or a guest
 // write-through (write-blocking) in flight; target_timeout 60 s, so a cancel that waited
 // for the request would take a minute.
+//
+// The hung guest write is dd's, in its own process: while a write to a FUSE file is in
+// flight the kernel holds the inode lock, and closing any descriptor of that file (FUSE
+// FLUSH) waits for it; a test process holding one would hang every child it forks (the
+// CLI) at exec, which closes it.
 TEST_CASE("mirror nbd: cancel returns within 3 s with a request hung at the target; nothing reaches it after") {
   RequireMountTools();
   RequireTool("nbdkit");
@@ -257,16 +263,15 @@ TEST_CASE("mirror nbd: cancel returns within 3 s with a request hung at the targ
     auto server = StartNbdkitUnix(r.s.dir, nsock,
                                   {"--filter=log", "--filter=pause", "memory", "16M", "logfile=" + log, "pause-control=" + ctl});
     auto g = r.Mount();
-    Fd fd(r.mp, O_RDWR);
     std::string job = r.Job("h", mode, {{"nbd", UnixUri(nsock)}}, {{"target_timeout", 60}});
-    std::atomic<bool> guest_write_done{true};
-    std::thread guest;
+    std::unique_ptr<Server> guest;  // the hung guest write (write-blocking)
     if (mode == "background") {
       PauseControl(ctl, 'p');
       int before = NbdkitRequestsLogged(log);
       r.MustMirror({"start", job});
       REQUIRE(WaitFor([&] { return NbdkitRequestsLogged(log) > before; }, 30000));  // a copy is hung
       // The guest goes on: a write and a read through the mount return at once.
+      Fd fd(r.mp, O_RDWR);
       std::vector<char> b(8192, 0x72);
       CHECK(MillisOf([&] { CHECK(PwriteAll(fd.get(), b.data(), b.size(), 9 * MiB)); }) < 2000);
       CHECK(MillisOf([&] { CHECK(ReadRange(r.mp, 0, 1 * MiB) == std::vector<char>(1 * MiB, 0x71)); }) < 2000);
@@ -274,14 +279,13 @@ TEST_CASE("mirror nbd: cancel returns within 3 s with a request hung at the targ
       r.MustMirror({"start", job, "--wait"});
       PauseControl(ctl, 'p');
       int before = NbdkitRequestsLogged(log);
-      guest_write_done = false;
-      guest = std::thread([&] {
-        std::vector<char> b(4096, 0x73);
-        CHECK(PwriteAll(fd.get(), b.data(), b.size(), 3 * MiB));  // written through: hangs at the target
-        guest_write_done = true;
-      });
-      REQUIRE(WaitFor([&] { return NbdkitRequestsLogged(log) > before; }, 30000));
-      CHECK_FALSE(guest_write_done.load());
+      std::string pattern = r.s.File("pattern");
+      WriteFileText(pattern, std::string(4096, '\x73'));
+      guest = std::make_unique<Server>(std::vector<std::string>{"dd", "if=" + pattern, "of=" + r.mp, "bs=4096",
+                                                                 "seek=768", "count=1", "conv=notrunc"},
+                                       r.s.File("dd.log"), [] { return true; });
+      REQUIRE(WaitFor([&] { return NbdkitRequestsLogged(log) > before; }, 30000));  // written through: hung
+      CHECK(guest->WaitExit(0) == -1);
     }
     CHECK(Contains(r.JobState("h"), mode == "background" ? "running" : "ready"));
     CmdResult cancel{127, "", ""};
@@ -290,18 +294,19 @@ TEST_CASE("mirror nbd: cancel returns within 3 s with a request hung at the targ
     INFO(Describe({"mirror", "cancel"}, cancel));
     CHECK(cancel.exit_code == 0);
     CHECK(ms < 3000);
-    CHECK(Contains(r.JobState("h"), "cancelled"));
     // The hung guest write returns now (with the source's result).
-    CHECK(WaitFor([&] { return guest_write_done.load(); }, 3000));
-    if (guest.joinable()) guest.join();
-    // The guest goes on, the target hears nothing more, even once it answers again.
-    std::vector<char> b(65536, 0x74);
-    CHECK(PwriteAll(fd.get(), b.data(), b.size(), 12 * MiB));
-    CHECK(ReadRange(r.mp, 12 * MiB, 65536) == b);
-    PauseControl(ctl, 'r');
-    CHECK(PwriteAll(fd.get(), b.data(), b.size(), 13 * MiB));
-    REQUIRE(::fsync(fd.get()) == 0);
-    fd.Close();
+    if (guest) CHECK(guest->WaitExit(3000) == 0);
+    CHECK(Contains(r.JobState("h"), "cancelled"));
+    {
+      // The guest goes on, the target hears nothing more, even once it answers again.
+      Fd fd(r.mp, O_RDWR);
+      std::vector<char> b(65536, 0x74);
+      CHECK(PwriteAll(fd.get(), b.data(), b.size(), 12 * MiB));
+      CHECK(ReadRange(r.mp, 12 * MiB, 65536) == b);
+      PauseControl(ctl, 'r');
+      CHECK(PwriteAll(fd.get(), b.data(), b.size(), 13 * MiB));
+      REQUIRE(::fsync(fd.get()) == 0);
+    }
     CHECK(MillisOf([&] { CHECK_UNMOUNTS(*g); }) < 5000);
     INFO(ReadWholeFile(log));
     CHECK(NbdkitRequestsLogged(log) == after_cancel);

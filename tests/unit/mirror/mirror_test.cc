@@ -268,7 +268,7 @@ class FilterWriters {
 TEST_CASE("mirror job: write-blocking converges under writers faster than a slow target; background does not") {
   for (auto mode : {config::MirrorJobConfig::Mode::kWriteBlocking, config::MirrorJobConfig::Mode::kBackground}) {
     const bool blocking = mode == config::MirrorJobConfig::Mode::kWriteBlocking;
-    INFO(blocking ? "write-blocking" : "background");
+    INFO((blocking ? "write-blocking" : "background"));
     Rig r(4 * MiB);
     r.target_rate = 8 * MiB;
     auto job = r.Job(mode, false, 0);
