@@ -67,14 +67,16 @@ std::vector<uint8_t> Contents(block::BlockDevice* d, uint64_t off, uint64_t len)
   return b;
 }
 
-// A source device whose armed read completes on the lower device and then waits for
-// Release(): the caller holds data read before anything that happens meanwhile.
+// A source device whose armed read (or write) completes on the lower device and then
+// waits for Release(): the caller holds data read before anything that happens meanwhile
+// (or a guest write is done on the source but not yet past the filter).
 class ReadThenHold final : public block::ForwardingDevice {
  public:
   using ForwardingDevice::ForwardingDevice;
-  void Arm(uint64_t off) {
+  void Arm(uint64_t off, bool write = false) {
     std::lock_guard<std::mutex> l(mu_);
     armed_ = true;
+    write_ = write;
     off_ = off;
   }
   bool WaitHeld() {
@@ -88,20 +90,28 @@ class ReadThenHold final : public block::ForwardingDevice {
   }
   Status Read(uint64_t offset, void* buf, size_t len) override {
     Status s = lower()->Read(offset, buf, len);
+    MaybeHold(false, offset, len);
+    return s;
+  }
+  Status Write(uint64_t offset, const void* buf, size_t len) override {
+    Status s = lower()->Write(offset, buf, len);
+    MaybeHold(true, offset, len);
+    return s;
+  }
+
+ private:
+  void MaybeHold(bool write, uint64_t offset, uint64_t len) {
     std::unique_lock<std::mutex> l(mu_);
-    if (armed_ && offset <= off_ && off_ < offset + len) {
+    if (armed_ && write_ == write && offset <= off_ && off_ < offset + len) {
       armed_ = false;
       held_ = true;
       cv_.notify_all();
       cv_.wait(l, [&] { return released_; });
     }
-    return s;
   }
-
- private:
   std::mutex mu_;
   std::condition_variable cv_;
-  bool armed_ = false, held_ = false, released_ = false;
+  bool armed_ = false, write_ = false, held_ = false, released_ = false;
   uint64_t off_ = 0;
 };
 
@@ -226,6 +236,38 @@ TEST_CASE("mirror race: a background copy that read before a guest write is redo
 TEST_CASE("mirror race: a copy-on-read that read before a guest write is redone") {
   SUBCASE("ordered") { StaleCopyRace(true, false); }
   SUBCASE("ordering off: the stale copy lands") { StaleCopyRace(true, true); }
+}
+
+// Two overlapping write-blocking guest writes: A is done on the source first, then B (so
+// the source holds B), but A reaches the job only after B went through to the target. The
+// target must end with B, like the source: a guest write claims its range before its
+// source write, so B waits for A there. (Claimed only after the source write, B would go
+// through first and A's older bytes would land on the target over it, in a chunk the job
+// believes clean.)
+TEST_CASE("mirror race: overlapping write-blocking writes reach the target in their source order") {
+  Rig r(1 * MiB);
+  auto job = r.Job(config::MirrorJobConfig::Mode::kWriteBlocking, false, 0);
+  job->Start();
+  REQUIRE(job->WaitReadyOrEnd(20000) == JobState::kReady);
+  const uint64_t at = 256 * KiB + 100;
+  std::vector<uint8_t> a(8 * KiB, 0xa1), b(8 * KiB, 0xb2);
+  r.hold.Arm(at, true);
+  std::thread wa([&] { CHECK(r.filter.Write(at, a.data(), a.size()).ok()); });
+  REQUIRE(r.hold.WaitHeld());  // A is on the source
+  std::atomic<bool> b_done{false};
+  std::thread wb([&] {
+    CHECK(r.filter.Write(at + 4 * KiB, b.data(), b.size()).ok());
+    b_done = true;
+  });
+  // B may finish on its own (the unsafe order) or wait for A (the safe one); give it time.
+  for (int i = 0; i < 100 && !b_done; i++) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  r.hold.Release();
+  wa.join();
+  wb.join();
+  CHECK(Contents(&r.src, at + 4 * KiB, 4 * KiB) == std::vector<uint8_t>(4 * KiB, 0xb2));
+  CHECK(Contents(&r.dst, 0, 1 * MiB) == Contents(&r.src, 0, 1 * MiB));
+  REQUIRE(job->Complete(false).ok());
+  CHECK(Contents(&r.dst, 0, 1 * MiB) == Contents(&r.src, 0, 1 * MiB));
 }
 
 // Guest writes through the filter from threads until stopped: random 4K..64K writes in
