@@ -61,9 +61,14 @@ class MirrorJob {
   // Attaches to the filter (guest writes are recorded from here on) and starts copying.
   void Start();
 
-  // Guest hooks, called by the filter with its shared lock held.
+  // Guest hooks, called by the filter with its shared lock held. A guest write, zero or
+  // discard calls BeforeGuestWrite before it writes the source: under write-blocking
+  // semantics it claims the range (returns true), so overlapping guest writes reach the
+  // target in the order they reached the source. AfterGuestWrite gets that result and
+  // whether the source write succeeded.
   Status GuestRead(block::BlockDevice* src, uint64_t off, void* buf, size_t len);
-  void AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bool may_unmap);
+  bool BeforeGuestWrite(uint64_t off, uint64_t len);
+  void AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bool may_unmap, bool claimed, bool source_ok);
 
   // Refused unless ready; returns once completed (pivoted or not) or failed.
   Status Complete(bool pivot);
