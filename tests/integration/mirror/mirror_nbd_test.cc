@@ -200,16 +200,17 @@ TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rat
     MirrorRig r;
     QemuImgCreate(r.img, "16M");
     QemuIo(r.img, {"write -P 0x61 0 2M"});
-    std::string nsock = r.s.File("nbdkit.sock");
-    // 16 Mbit/s: 2 MiB/s for the copy and the guest's writes together.
-    auto server = StartNbdkitUnix(r.s.dir, nsock, {"--filter=rate", "memory", "16M", "rate=16M"});
+    std::string nsock = r.s.File("nbdkit.sock"), rate = r.s.File("rate");
+    // 16 Mbit/s: 2 MiB/s for the copy and the guest's writes together (until the writer stops).
+    WriteFileText(rate, "16M\n");
+    auto server = StartNbdkitUnix(r.s.dir, nsock, {"--filter=rate", "memory", "16M", "rate=16M", "rate-file=" + rate});
     auto g = r.Mount();
     {
       GuestWriter w(r.mp, 8 * MiB, 2);
       REQUIRE(w.WaitWrites(20, 30000));
       std::string job = r.Job("c", mode, {{"nbd", UnixUri(nsock)}});
       if (mode == "write-blocking") {
-        CmdResult st = r.Mirror({"start", job, "--wait"}, 120000);
+        CmdResult st = r.Mirror({"start", job, "--wait"}, 60000);
         INFO(Describe({"mirror", "start"}, st));
         CHECK(st.exit_code == 0);
         CHECK(Contains(r.JobState("c"), "ready"));
@@ -232,6 +233,7 @@ TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rat
       }
       CHECK(w.Stop());
     }
+    WriteFileText(rate, "10G\n");  // the rest (and the compare) at full speed
     CHECK(WaitFor([&] { return Contains(r.JobState("c"), "ready"); }, 120000));
     r.MustMirror({"complete", "c", "--no-pivot"});
     CHECK_UNMOUNTS(*g);
