@@ -107,16 +107,11 @@ TEST_CASE("mirror nbd: a paused server under write-blocking fails the job, never
   RequireMountTools();
   RequireTool("nbdkit");
   MirrorRig r;
-  QemuImgCreate(r.img, "8M");
-  QemuIo(r.img, {"write -P 0x41 0 1M"});
-  std::string nsock = r.s.File("nbdkit.sock"), ctl = r.s.File("pause.ctl");
-  auto server = StartNbdkitUnix(r.s.dir, nsock, {"--filter=pause", "memory", "8M", "pause-control=" + ctl});
-  MountGuard g(r.mp, {"mount", "--socket", r.sock, r.img, r.mp}, r.sock);
-  REQUIRE_MOUNTED(g);
-  r.MustMirror({"start",
-                r.Job(R"({"id": "z", "mode": "write-blocking", "target_timeout": 2, "target": {"nbd": ")" + UnixUri(nsock) +
-                      R"("}})"),
-                "--wait"});
+  r.Source("8M", {"write -P 0x41 0 1M"});
+  std::string ctl = r.s.File("pause.ctl");
+  auto server = r.Nbdkit({"--filter=pause", "memory", "8M", "pause-control=" + ctl});
+  auto g = r.Mount();
+  r.MustMirror({"start", r.Job("z", "write-blocking", r.NbdkitTarget(), {{"target_timeout", 2}}), "--wait"});
   FioRun fio(r.s.dir, {r.mp, 4 * MiB, 4 * MiB, 0, 0, 4000});  // over the pause and the timeout
   PauseControl(ctl, 'p');
   {
@@ -130,7 +125,7 @@ TEST_CASE("mirror nbd: a paused server under write-blocking fails the job, never
   INFO(r.JobState("z"));
   CHECK(Contains(r.JobState("z"), "no reply within 2000 ms"));
   CHECK(r.Mirror({"cancel", "z"}, 5000).exit_code == 0);
-  CHECK_UNMOUNTS(g);
+  CHECK_UNMOUNTS(*g);
   PauseControl(ctl, 'r');
   CheckClean(r.img);
   QemuIo(r.img, {"read -P 0x41 0 1M", "read -P 0x42 2M 4k"});
@@ -150,21 +145,19 @@ TEST_CASE("mirror nbd: injected EIO, a full target, a killed server fail the job
   for (const auto& c : cases) {
     INFO(c.name);
     MirrorRig r;
-    QemuImgCreate(r.img, "8M");
-    QemuIo(r.img, {"write -P 0x51 0 4M"});
-    std::string nsock = r.s.File("nbdkit.sock");
-    auto server = StartNbdkitUnix(r.s.dir, nsock, c.args);
+    r.Source("8M", {"write -P 0x51 0 4M"});
+    auto server = r.Nbdkit(c.args);
     auto g = r.Mount();
     FioRun fio(r.s.dir, {r.mp, 4 * MiB, 2 * MiB, 0, 0, 2500});
     if (c.kill) {
       // 1 MiB/s: the job is mid-copy when the server dies; fio's writes to copied chunks go
       // through to the server until then.
-      r.MustMirror({"start", r.Job("e", "write-blocking", {{"nbd", UnixUri(nsock)}}, {{"speed", 1 * MiB}})});
+      r.MustMirror({"start", r.Job("e", "write-blocking", r.NbdkitTarget(), {{"speed", 1 * MiB}})});
       CHECK(WaitFor([&] { return r.StatusJson("e")["bytes_done"].get<uint64_t>() > 0; }, 30000));
       server->Kill(SIGKILL);
       CHECK(WaitFor([&] { return Contains(r.JobState("e"), "failed"); }, 30000));
     } else {
-      CmdResult st = r.Mirror({"start", r.Job("e", "background", {{"nbd", UnixUri(nsock)}}), "--wait"});
+      CmdResult st = r.Mirror({"start", r.Job("e", "background", r.NbdkitTarget()), "--wait"});
       INFO(Describe({"mirror", "start"}, st));
       CHECK(st.exit_code == 1);
       CHECK(Contains(st.err, c.cause));
@@ -198,17 +191,16 @@ TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rat
   for (std::string mode : {"write-blocking", "background"}) {
     INFO(mode);
     MirrorRig r;
-    QemuImgCreate(r.img, "16M");
-    QemuIo(r.img, {"write -P 0x61 0 2M"});
-    std::string nsock = r.s.File("nbdkit.sock"), rate = r.s.File("rate");
+    r.Source("16M", {"write -P 0x61 0 2M"});
+    std::string rate = r.s.File("rate");
     // 16 Mbit/s: 2 MiB/s for the copy and the guest's writes together (until the writer stops).
     WriteFileText(rate, "16M\n");
-    auto server = StartNbdkitUnix(r.s.dir, nsock, {"--filter=rate", "memory", "16M", "rate=16M", "rate-file=" + rate});
+    auto server = r.Nbdkit({"--filter=rate", "memory", "16M", "rate=16M", "rate-file=" + rate});
     auto g = r.Mount();
     {
       GuestWriter w(r.mp, 8 * MiB, 2);
       REQUIRE(w.WaitWrites(20, 30000));
-      std::string job = r.Job("c", mode, {{"nbd", UnixUri(nsock)}});
+      std::string job = r.Job("c", mode, r.NbdkitTarget());
       if (mode == "write-blocking") {
         CmdResult st = r.Mirror({"start", job, "--wait"}, 60000);
         INFO(Describe({"mirror", "start"}, st));
@@ -238,7 +230,7 @@ TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rat
     r.MustMirror({"complete", "c", "--no-pivot"});
     CHECK_UNMOUNTS(*g);
     CheckClean(r.img);
-    CheckSameContent(r.img, UnixUri(nsock));
+    CheckSameContent(r.img, UnixUri(r.nsock));
   }
 }
 
@@ -259,13 +251,11 @@ TEST_CASE("mirror nbd: cancel returns within 3 s with a request hung at the targ
   for (std::string mode : {"background", "write-blocking"}) {
     INFO(mode);
     MirrorRig r;
-    QemuImgCreate(r.img, "16M");
-    QemuIo(r.img, {"write -P 0x71 0 8M"});
-    std::string nsock = r.s.File("nbdkit.sock"), ctl = r.s.File("pause.ctl"), log = r.s.File("requests.log");
-    auto server = StartNbdkitUnix(r.s.dir, nsock,
-                                  {"--filter=log", "--filter=pause", "memory", "16M", "logfile=" + log, "pause-control=" + ctl});
+    r.Source("16M", {"write -P 0x71 0 8M"});
+    std::string ctl = r.s.File("pause.ctl"), log = r.s.File("requests.log");
+    auto server = r.Nbdkit({"--filter=log", "--filter=pause", "memory", "16M", "logfile=" + log, "pause-control=" + ctl});
     auto g = r.Mount();
-    std::string job = r.Job("h", mode, {{"nbd", UnixUri(nsock)}}, {{"target_timeout", 60}});
+    std::string job = r.Job("h", mode, r.NbdkitTarget(), {{"target_timeout", 60}});
     std::unique_ptr<Server> guest;  // the hung guest write (write-blocking)
     if (mode == "background") {
       PauseControl(ctl, 'p');

@@ -17,13 +17,24 @@
 #include <vector>
 
 #include "integration/mount/mount_guard.h"
+#include "support/nbd_servers.h"
 
 namespace qcowfs::testing::mount {
 
 struct MirrorRig {
   Scratch s;
   std::string img = s.File("src.qcow2"), mp = s.FileMountpoint(), sock = s.File("ctl.sock");
+  std::string nsock = s.File("nbdkit.sock");
   int n = 0;
+
+  // The source image: a new qcow2 of `size`, then these qemu-io commands on it.
+  void Source(const std::string& size, const std::vector<std::string>& io) {
+    QemuImgCreate(img, size);
+    QemuIo(img, io);
+  }
+  // nbdkit on the Unix socket nsock (args: filters, the plugin, parameters), and its target.
+  std::unique_ptr<Server> Nbdkit(const std::vector<std::string>& args) { return StartNbdkitUnix(s.dir, nsock, args); }
+  nlohmann::json NbdkitTarget() const { return {{"nbd", UnixUri(nsock)}}; }
 
   // `qcowfs mount --socket SOCK IMG MP`, live (REQUIREd).
   std::unique_ptr<MountGuard> Mount() {
