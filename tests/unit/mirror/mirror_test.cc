@@ -302,10 +302,11 @@ class FilterWriters {
   std::vector<std::thread> threads_;
 };
 
-// Convergence against a target slower than the guest (8 MiB/s; the writers on memory are
+// Convergence against a target slower than the guest (8 MiB/s; eight writers on memory are
 // far faster). Write-blocking: once the scan has marked everything, the dirty count never
 // grows whatever the guest writes (writes into copied chunks go through, writes into dirty
-// chunks add nothing), so the job becomes ready while the writers keep writing. Background:
+// chunks add nothing), so the job becomes ready while the writers keep writing (with eight
+// of them some guest write is always in flight: ready must not wait for none). Background:
 // the same writers re-dirty chunks faster than the copy cleans them; no ready until they stop.
 TEST_CASE("mirror job: write-blocking converges under writers faster than a slow target; background does not") {
   for (auto mode : {config::MirrorJobConfig::Mode::kWriteBlocking, config::MirrorJobConfig::Mode::kBackground}) {
@@ -314,7 +315,7 @@ TEST_CASE("mirror job: write-blocking converges under writers faster than a slow
     Rig r(4 * MiB);
     r.target_rate = 8 * MiB;
     auto job = r.Job(mode, false, 0);
-    FilterWriters w(&r.filter, 4 * MiB, 2);
+    FilterWriters w(&r.filter, 4 * MiB, 8);
     job->Start();
     // The scan is done once every chunk was counted (a known-zero target, all data).
     auto scanned = [&] { return job->Report().bytes_total >= 4 * MiB; };
