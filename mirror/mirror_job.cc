@@ -353,7 +353,7 @@ void MirrorJob::Coordinate() {
   bool done = false;
   while (!done) {
     if (stop_) break;
-    if (state_ == JobState::kRunning && QuiescentLocked()) {
+    if (state_ == JobState::kRunning && CaughtUpLocked()) {
       // Ready: nothing dirty, nothing in flight, target flushed.
       mu_.Unlock();
       Status f = target_.dev->Flush();
@@ -362,7 +362,7 @@ void MirrorJob::Coordinate() {
         FailLocked(TargetError(f));
         break;
       }
-      if (state_ == JobState::kRunning && QuiescentLocked()) {
+      if (state_ == JobState::kRunning && CaughtUpLocked()) {
         state_ = JobState::kReady;
         QCOWFS_LOG(Info, "mirror %s: ready", cfg_.id.c_str());
         cv_.SignalAll();
@@ -371,7 +371,7 @@ void MirrorJob::Coordinate() {
     }
     if (complete_ && state_ == JobState::kReady) {
       completing_ = true;  // guest writes go through to the target from now on
-      while (!QuiescentLocked() && !stop_) cv_.Wait(&mu_);
+      while (!CaughtUpLocked() && !stop_) cv_.Wait(&mu_);
       if (stop_) break;
       mu_.Unlock();
       filter_->Pause();  // no guest request in flight, none starts

@@ -101,6 +101,10 @@ class MirrorJob {
   void FailLocked(const Status& s) REQUIRES(mu_);
   void MarkDirtyLocked(uint64_t first, uint64_t n) REQUIRES(mu_);
   bool QuiescentLocked() const REQUIRES(mu_) { return dirty_.empty() && claimed_.empty(); }
+  // Nothing dirty and no copy (background or copy-on-read) in flight: ready, and where
+  // complete pauses the guest. Write-blocking guest writes in flight do not count (they are
+  // on the target before they return); under a steady write load some always are.
+  bool CaughtUpLocked() const REQUIRES(mu_) { return dirty_.empty() && inflight_bytes_ == 0; }
   uint64_t ChunkBytes(uint64_t first, uint64_t n) const;
   void Detach();
   Status TargetError(const Status& s) const;
