@@ -12,25 +12,28 @@ Status MirrorFilter::Read(uint64_t offset, void* buf, size_t len) {
 
 Status MirrorFilter::Write(uint64_t offset, const void* buf, size_t len) {
   ReaderLock l(&io_mu_);
-  RETURN_IF_ERROR(lower_->Write(offset, buf, len));
-  if (job_) job_->AfterGuestWrite(offset, len, buf, false);
-  return Status::Ok();
+  bool claimed = job_ && job_->BeforeGuestWrite(offset, len);
+  Status s = lower_->Write(offset, buf, len);
+  if (job_) job_->AfterGuestWrite(offset, len, buf, false, claimed, s.ok());
+  return s;
 }
 
 Status MirrorFilter::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
   ReaderLock l(&io_mu_);
-  RETURN_IF_ERROR(lower_->WriteZeroes(offset, len, may_unmap));
-  if (job_) job_->AfterGuestWrite(offset, len, nullptr, may_unmap);
-  return Status::Ok();
+  bool claimed = job_ && job_->BeforeGuestWrite(offset, len);
+  Status s = lower_->WriteZeroes(offset, len, may_unmap);
+  if (job_) job_->AfterGuestWrite(offset, len, nullptr, may_unmap, claimed, s.ok());
+  return s;
 }
 
 Status MirrorFilter::Discard(uint64_t offset, uint64_t len) {
   ReaderLock l(&io_mu_);
-  RETURN_IF_ERROR(lower_->Discard(offset, len));
   // A discarded range reads zeros: the target gets zeros (never a TRIM alone).
-  if (job_) job_->AfterGuestWrite(offset, std::min<uint64_t>(len, lower_->Size() - std::min(offset, lower_->Size())),
-                                  nullptr, true);
-  return Status::Ok();
+  uint64_t n = std::min<uint64_t>(len, lower_->Size() - std::min(offset, lower_->Size()));
+  bool claimed = job_ && job_->BeforeGuestWrite(offset, n);
+  Status s = lower_->Discard(offset, len);
+  if (job_) job_->AfterGuestWrite(offset, n, nullptr, true, claimed, s.ok());
+  return s;
 }
 
 Status MirrorFilter::Flush() {

@@ -290,30 +290,36 @@ void MirrorJob::Worker() {
 
 // --- guest hooks
 
-void MirrorJob::AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bool may_unmap) {
+bool MirrorJob::BeforeGuestWrite(uint64_t off, uint64_t len) {
+  if (len == 0) return false;
+  const uint64_t c0 = off / g_, c1 = (off + len + g_ - 1) / g_;
+  MutexLock l(&mu_);
+  if (stop_ || !(cfg_.mode == config::MirrorJobConfig::Mode::kWriteBlocking || completing_)) return false;
+  // Write-blocking: claim the whole range before the source write, so that of two
+  // overlapping guest writes the one that reached the source last reaches the target last.
+  while (claimed_.Intersects(c0, c1 - c0) && !stop_) cv_.Wait(&mu_);
+  if (stop_) return false;
+  claimed_.Add(c0, c1 - c0);
+  return true;
+}
+
+void MirrorJob::AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bool may_unmap, bool claimed,
+                                bool source_ok) {
   (void)may_unmap;
   if (len == 0) return;
   const uint64_t c0 = off / g_, c1 = (off + len + g_ - 1) / g_;
   mu_.Lock();
-  if (stop_) {
-    mu_.Unlock();
-    return;
-  }
-  bool blocking = cfg_.mode == config::MirrorJobConfig::Mode::kWriteBlocking || completing_;
-  if (!blocking) {
-    MarkDirtyLocked(c0, c1 - c0);
+  if (stop_ || !claimed || !source_ok) {
+    // Background (or a write that began before `complete` switched semantics, or a failed
+    // source write that may have changed part of the range): the copy takes it.
+    if (claimed) claimed_.Remove(c0, c1 - c0);
+    if (!stop_) MarkDirtyLocked(c0, c1 - c0);
     cv_.SignalAll();
     mu_.Unlock();
     return;
   }
-  // Write-blocking: claim the whole range, then write through the bytes that lie in
-  // chunks no longer dirty (bytes in dirty chunks are left to the copy).
-  while (claimed_.Intersects(c0, c1 - c0) && !stop_) cv_.Wait(&mu_);
-  if (stop_) {
-    mu_.Unlock();
-    return;
-  }
-  claimed_.Add(c0, c1 - c0);
+  // Write-blocking, the range claimed: write through the bytes that lie in chunks no longer
+  // dirty (bytes in dirty chunks are left to the copy).
   std::vector<std::pair<uint64_t, uint64_t>> through;  // byte ranges
   for (uint64_t c = c0; c < c1; c++) {
     if (dirty_.Contains(c)) continue;
@@ -417,7 +423,7 @@ void MirrorJob::Coordinate() {
   bool done = false;
   while (!done) {
     if (stop_) break;
-    if (state_ == JobState::kRunning && QuiescentLocked()) {
+    if (state_ == JobState::kRunning && CaughtUpLocked()) {
       // Ready: nothing dirty, nothing in flight, target flushed.
       mu_.Unlock();
       Status f = target_.dev->Flush();
@@ -426,7 +432,7 @@ void MirrorJob::Coordinate() {
         FailLocked(TargetError(f));
         break;
       }
-      if (state_ == JobState::kRunning && QuiescentLocked()) {
+      if (state_ == JobState::kRunning && CaughtUpLocked()) {
         state_ = JobState::kReady;
         QCOWFS_LOG(Info, "mirror %s: ready", cfg_.id.c_str());
         cv_.SignalAll();
@@ -435,7 +441,7 @@ void MirrorJob::Coordinate() {
     }
     if (complete_ && state_ == JobState::kReady) {
       completing_ = true;  // guest writes go through to the target from now on
-      while (!QuiescentLocked() && !stop_) cv_.Wait(&mu_);
+      while (!CaughtUpLocked() && !stop_) cv_.Wait(&mu_);
       if (stop_) break;
       mu_.Unlock();
       filter_->Pause();  // no guest request in flight, none starts

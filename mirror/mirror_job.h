@@ -67,9 +67,14 @@ class MirrorJob {
   // Attaches to the filter (guest writes are recorded from here on) and starts copying.
   void Start();
 
-  // Guest hooks, called by the filter with its shared lock held.
+  // Guest hooks, called by the filter with its shared lock held. A guest write, zero or
+  // discard calls BeforeGuestWrite before it writes the source: under write-blocking
+  // semantics it claims the range (returns true), so overlapping guest writes reach the
+  // target in the order they reached the source. AfterGuestWrite gets that result and
+  // whether the source write succeeded.
   Status GuestRead(block::BlockDevice* src, uint64_t off, void* buf, size_t len);
-  void AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bool may_unmap);
+  bool BeforeGuestWrite(uint64_t off, uint64_t len);
+  void AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bool may_unmap, bool claimed, bool source_ok);
 
   // Refused unless ready; returns once completed (pivoted or not) or failed.
   Status Complete(bool pivot);
@@ -110,6 +115,10 @@ class MirrorJob {
   void MarkDirtyLocked(uint64_t first, uint64_t n) REQUIRES(mu_);
   void NoteCopiedLocked(uint64_t bytes) REQUIRES(mu_);
   bool QuiescentLocked() const REQUIRES(mu_) { return dirty_.empty() && claimed_.empty(); }
+  // Nothing dirty and no copy (background or copy-on-read) in flight: ready, and where
+  // complete pauses the guest. Write-blocking guest writes in flight do not count (they are
+  // on the target before they return); under a steady write load some always are.
+  bool CaughtUpLocked() const REQUIRES(mu_) { return dirty_.empty() && inflight_bytes_ == 0; }
   uint64_t ChunkBytes(uint64_t first, uint64_t n) const;
   void Detach();
   Status TargetError(const Status& s) const;

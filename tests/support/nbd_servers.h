@@ -113,8 +113,9 @@ inline int FreePort() {
   return port;
 }
 
-// A server process: started with stdout/stderr into a log file, killed with the test
-// binary (PR_SET_PDEATHSIG) or by PID on destruction (SIGTERM, then SIGKILL).
+// A server (or any background) process: started with stdout/stderr into a log file,
+// killed with the test binary (PR_SET_PDEATHSIG) or by PID on destruction (SIGTERM, then
+// SIGKILL). ready() is polled until true (a client connects; or at once for a plain job).
 class Server {
  public:
   Server(const std::vector<std::string>& argv, std::string log, const std::function<bool()>& ready)
@@ -164,6 +165,31 @@ class Server {
   Server& operator=(const Server&) = delete;
 
   std::string Log() const { return ReadWholeFile(log_); }
+  pid_t pid() const { return pid_; }
+
+  // Sends sig to the process (a server killed mid-test) and reaps it.
+  void Kill(int sig = SIGKILL) {
+    REQUIRE(pid_ > 0);
+    REQUIRE(kill(pid_, sig) == 0);
+    waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+
+  // Waits at most timeout_ms for the process to exit by itself: its exit status (128+N if
+  // killed by signal N), or -1 if it is still running (it is left running).
+  int WaitExit(int timeout_ms) {
+    if (pid_ <= 0) return -1;
+    Clock::time_point until = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    for (;;) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      if (Clock::now() > until) return -1;
+      std::this_thread::sleep_for(10ms);
+    }
+  }
 
  private:
   std::string log_;
@@ -190,6 +216,33 @@ inline std::unique_ptr<Server> StartNbdkitUnix(const TempDir& dir, const std::st
   std::vector<std::string> argv = {"nbdkit", "-f", "--exit-with-parent", "-U", sock};
   argv.insert(argv.end(), args.begin(), args.end());
   return std::make_unique<Server>(argv, dir.File("nbdkit.log"), [sock] { return UnixConnects(sock); });
+}
+
+// nbdkit on 127.0.0.1:port (args as for StartNbdkitUnix); its URI is nbd://127.0.0.1:PORT/.
+inline std::unique_ptr<Server> StartNbdkitTcp(const TempDir& dir, int port, const std::vector<std::string>& args) {
+  RequireTool("nbdkit");
+  std::vector<std::string> argv = {"nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", std::to_string(port)};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return std::make_unique<Server>(argv, dir.File("nbdkit.log"), [port] { return TcpConnects(port); });
+}
+
+inline std::string TcpUri(int port) { return "nbd://127.0.0.1:" + std::to_string(port) + "/"; }
+
+// NBD requests (Read, Write, Zero, Flush, ...) that reached an nbdkit whose outermost filter
+// is `--filter=log logfile=LOG`: the request lines, not their "...Write id=N return=" replies.
+inline int NbdkitRequestsLogged(const std::string& log) {
+  std::stringstream ss(ReadWholeFile(log));
+  std::string line;
+  int n = 0;
+  while (std::getline(ss, line)) {
+    size_t c = line.find("connection=");
+    if (c == std::string::npos || line.find(" id=") == std::string::npos) continue;
+    size_t sp = line.find(' ', c);
+    if (sp != std::string::npos && sp + 1 < line.size() && line[sp + 1] != '.' &&
+        line.compare(sp + 1, 8, "Connect ") != 0)
+      n++;
+  }
+  return n;
 }
 
 // Sends one command character to nbdkit's pause filter and waits for its echo.

@@ -1,7 +1,7 @@
 // The mirror job through the real mount and the real CLI (SPEC §6): background and
-// write-blocking jobs to new qcow2 and raw files and to an existing file while a writer
-// keeps writing, complete with and without pivot, and refused jobs. qemu-img compare /
-// check / map are the oracle.
+// write-blocking jobs to new qcow2 and raw files, an existing file, qemu-nbd and nbdkit
+// while fio --verify keeps writing, complete with and without pivot, and refused jobs.
+// qemu-img compare / check / map are the oracle.
 #include <doctest/doctest.h>
 #include <linux/falloc.h>
 
@@ -13,79 +13,87 @@
 
 #include "integration/mirror/mirror_rig.h"
 #include "integration/mount/mount_guard.h"
+#include "support/fio.h"
+#include "support/nbd_servers.h"
 
 using namespace qcowfs::testing;
 using namespace qcowfs::testing::mount;
 
 namespace {
 
+enum class TargetKind { kNewQcow2, kNewRaw, kExistingRaw, kQemuNbdUnix, kNbdkitTcp };
 
-// Writes random data at random offsets through fd until stop; every write is kept in
-// the model of what the mount must read.
-void Writer(int fd, uint64_t size, std::atomic<bool>* stop, uint64_t seed, std::atomic<int>* writes) {
-  std::mt19937_64 rng(seed);
-  while (!stop->load()) {
-    uint64_t len = 512 * (1 + rng() % 256);
-    uint64_t off = (rng() % (size - len)) & ~511ull;
-    auto b = RandomBytes(rng, len);
-    if (rng() % 8 == 0) {
-      (void)::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off), static_cast<off_t>(len));
-    } else {
-      REQUIRE(PwriteAll(fd, b.data(), len, off));
-    }
-    (*writes)++;
+// One job under fio on the source rig.img (64M; data at 40M, zeros at 50M and 60M, a hole
+// from 48M on). fio writes verified data to [0, 24M) and punches holes in [24M, 32M) from
+// before `mirror start --wait` until after the job is ready; then complete --no-pivot and
+// unmount. The target is then an exact copy (qemu-img compare), both images check clean,
+// and the hole [48M, 64M) holds no data in the target. NBD targets serve a raw file with
+// old content (never assumed zero), qemu-nbd on a Unix socket, nbdkit on 127.0.0.1.
+void MirrorUnderFio(MirrorRig& r, TargetKind kind, const std::string& mode) {
+  const bool qcow2 = kind == TargetKind::kNewQcow2;
+  const std::string fmt = qcow2 ? "qcow2" : "raw", id = "f" + std::to_string(r.n);
+  const std::string dst = r.s.File(id + "." + fmt);
+  INFO("target kind " << static_cast<int>(kind) << ", mode " << mode << ", " << dst);
+  if (kind == TargetKind::kExistingRaw || kind == TargetKind::kQemuNbdUnix || kind == TargetKind::kNbdkitTcp) {
+    Must({"qemu-img", "create", "-q", "-f", "raw", dst, "64M"});
+    QemuIo(dst, {"write -P 0xee 0 64M"}, "raw");
   }
+  std::unique_ptr<Server> server;
+  nlohmann::json target = {{"path", dst}, {"format", fmt}};
+  if (kind == TargetKind::kExistingRaw) target["existing"] = true;
+  if (kind == TargetKind::kQemuNbdUnix) {
+    server = StartQemuNbd(r.s.dir, dst, {"--discard=unmap"});
+    target = {{"nbd", UnixUri(r.s.dir.File("qemu-nbd.sock"))}};
+  } else if (kind == TargetKind::kNbdkitTcp) {
+    int port = FreePort();
+    server = StartNbdkitTcp(r.s.dir, port, {"file", dst});
+    target = {{"nbd", TcpUri(port)}};
+  }
+  {
+    auto g = r.Mount();
+    FioRun fio(r.s.dir, {r.mp, 0, 24 * MiB, 24 * MiB, 8 * MiB, 2000});
+    CmdResult st = r.Mirror({"start", r.Job(id, mode, target), "--wait"});
+    fio.Finish();
+    INFO(Describe({"mirror", "start"}, st));
+    REQUIRE(st.exit_code == 0);
+    r.MustMirror({"complete", id, "--no-pivot"});
+    CHECK(Contains(r.JobState(id), "completed"));
+    CHECK_UNMOUNTS(*g);
+  }
+  server.reset();
+  CheckClean(r.img);
+  if (qcow2) CheckClean(dst);
+  CheckSameContent(r.img, dst, fmt);
+  CheckNoDataIn(dst, fmt, 48 * MiB, 16 * MiB);
+  if (!qcow2) CHECK(AllocatedBytesOf(dst) <= 40 * MiB);  // du: fio's 32M and the 4M at 40M
 }
 
-void CopyUnderLoad(const std::string& mode, const std::string& format) {
+void MirrorUnderFioBothModes(TargetKind kind) {
   RequireMountTools();
   MirrorRig r;
   QemuImgCreate(r.img, "64M");
-  QemuIo(r.img, {"write -P 0x11 0 8M", "write -P 0x22 40M 4M", "write -z 50M 1M", "write -P 0x33 60M 64k",
-                 "write -z 60M 64k"});
-  std::string dst = r.s.File("dst." + format);
-  MountGuard g(r.mp, {"mount", "--socket", r.sock, r.img, r.mp}, r.sock);
-  REQUIRE_MOUNTED(g);
-  Fd fd(r.mp, O_RDWR);
-  std::atomic<bool> stop{false};
-  std::atomic<int> writes{0};
-  std::thread w(Writer, fd.get(), 48 * MiB, &stop, 42, &writes);
-  std::string job = r.Job(R"({"id": "m", "mode": ")" + mode + R"(", "target": {"path": ")" + dst +
-                          R"(", "format": ")" + format + R"("}})");
-  CmdResult st = r.Mirror({"start", job, "--wait"});
-  while (writes.load() < 50) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  stop = true;
-  w.join();
-  INFO(Describe({"mirror", "start"}, st));
-  REQUIRE(st.exit_code == 0);
-  auto status = r.MustMirror({"status", "m", "--json"});
-  CHECK(Contains(status.out, "\"state\": \"ready\""));
-  REQUIRE(::fsync(fd.get()) == 0);
-  fd.Close();
-  r.MustMirror({"complete", "m", "--no-pivot"});
-  CHECK(Contains(g.Status(false).out, "completed"));
-  CHECK_UNMOUNTS(g);
-  CheckClean(r.img);
-  if (format == "qcow2") CheckClean(dst);
-  CheckSameContent(r.img, dst, format);
-  // Holes stay holes: the zero areas of the source hold no data in the target.
-  // Holes stay holes: [48M, 64M) was never written (the writer stays below 48M) and is
-  // unallocated or zero in the source; the target holds no data there.
-  if (format == "qcow2") {
-    CHECK(MapHasNoData(QemuMap(dst), 48 * MiB, 16 * MiB));
-  } else {
-    Fd f(dst, O_RDONLY);
-    off_t d = ::lseek(f.get(), static_cast<off_t>(48 * MiB), SEEK_DATA);
-    CHECK((d < 0 || d >= static_cast<off_t>(64 * MiB)));
-  }
+  QemuIo(r.img, {"write -P 0x22 40M 4M", "write -z 50M 1M", "write -P 0x33 60M 64k", "write -z 60M 64k"});
+  MirrorUnderFio(r, kind, "background");
+  MirrorUnderFio(r, kind, "write-blocking");
 }
 
 }  // namespace
 
-TEST_CASE("mirror mount: background to a new qcow2 under a writer; --no-pivot leaves an exact copy") {
-  CopyUnderLoad("background", "qcow2");
+TEST_CASE("mirror mount fio: background and write-blocking to a new qcow2; --no-pivot leaves an exact copy") {
+  MirrorUnderFioBothModes(TargetKind::kNewQcow2);
 }
-TEST_CASE("mirror mount: write-blocking to a new raw file under a writer") { CopyUnderLoad("write-blocking", "raw"); }
+TEST_CASE("mirror mount fio: background and write-blocking to a new raw file") {
+  MirrorUnderFioBothModes(TargetKind::kNewRaw);
+}
+TEST_CASE("mirror mount fio: background and write-blocking to an existing raw file") {
+  MirrorUnderFioBothModes(TargetKind::kExistingRaw);
+}
+TEST_CASE("mirror mount fio: background and write-blocking to qemu-nbd on a Unix socket") {
+  MirrorUnderFioBothModes(TargetKind::kQemuNbdUnix);
+}
+TEST_CASE("mirror mount fio: background and write-blocking to nbdkit on 127.0.0.1") {
+  MirrorUnderFioBothModes(TargetKind::kNbdkitTcp);
+}
 
 TEST_CASE("mirror mount: write-blocking puts every acknowledged write on the target when it returns") {
   RequireMountTools();

@@ -1,17 +1,22 @@
 // The mirror job to real NBD servers through the mount (SPEC §6): qemu-nbd on a Unix
 // socket (a guest punch under write-blocking reaches it as zeros although it ignores
 // TRIM; --no-pivot leaves an exact copy; pivot onto it), nbdkit on 127.0.0.1 (nbd:// URI),
-// and faults: a paused server under write-blocking, injected EIO, a full target, a closed
-// port. In each fault the job fails with the cause, the guest sees no error and the
-// source stays clean.
+// and faults while fio --verify writes: a paused server under write-blocking, injected EIO,
+// a full target, a server killed mid-job, a closed port. In each fault the job fails with
+// the cause, the guest (fio) sees no error and the source stays clean. Convergence of
+// write-blocking against a rate-limited target, and cancel with a request hung at the target.
 #include <doctest/doctest.h>
 #include <linux/falloc.h>
 
+#include <atomic>
+#include <chrono>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "integration/mirror/mirror_rig.h"
 #include "integration/mount/mount_guard.h"
+#include "support/fio.h"
 #include "support/nbd_servers.h"
 
 using namespace qcowfs::testing;
@@ -102,16 +107,12 @@ TEST_CASE("mirror nbd: a paused server under write-blocking fails the job, never
   RequireMountTools();
   RequireTool("nbdkit");
   MirrorRig r;
-  QemuImgCreate(r.img, "8M");
-  QemuIo(r.img, {"write -P 0x41 0 1M"});
-  std::string nsock = r.s.File("nbdkit.sock"), ctl = r.s.File("pause.ctl");
-  auto server = StartNbdkitUnix(r.s.dir, nsock, {"--filter=pause", "memory", "8M", "pause-control=" + ctl});
-  MountGuard g(r.mp, {"mount", "--socket", r.sock, r.img, r.mp}, r.sock);
-  REQUIRE_MOUNTED(g);
-  r.MustMirror({"start",
-                r.Job(R"({"id": "z", "mode": "write-blocking", "target_timeout": 2, "target": {"nbd": ")" + UnixUri(nsock) +
-                      R"("}})"),
-                "--wait"});
+  r.Source("8M", {"write -P 0x41 0 1M"});
+  std::string ctl = r.s.File("pause.ctl");
+  auto server = r.Nbdkit({"--filter=pause", "memory", "8M", "pause-control=" + ctl});
+  auto g = r.Mount();
+  r.MustMirror({"start", r.Job("z", "write-blocking", r.NbdkitTarget(), {{"target_timeout", 2}}), "--wait"});
+  FioRun fio(r.s.dir, {r.mp, 4 * MiB, 4 * MiB, 0, 0, 4000});  // over the pause and the timeout
   PauseControl(ctl, 'p');
   {
     Fd fd(r.mp, O_RDWR);
@@ -119,47 +120,191 @@ TEST_CASE("mirror nbd: a paused server under write-blocking fails the job, never
     REQUIRE(PwriteAll(fd.get(), b.data(), b.size(), 2 * MiB));  // returns (after the timeout)
     REQUIRE(::fsync(fd.get()) == 0);
   }
+  fio.Finish();
   CHECK(Contains(r.JobState("z"), "failed"));
   INFO(r.JobState("z"));
   CHECK(Contains(r.JobState("z"), "no reply within 2000 ms"));
   CHECK(r.Mirror({"cancel", "z"}, 5000).exit_code == 0);
-  CHECK_UNMOUNTS(g);
+  CHECK_UNMOUNTS(*g);
   PauseControl(ctl, 'r');
   CheckClean(r.img);
   QemuIo(r.img, {"read -P 0x41 0 1M", "read -P 0x42 2M 4k"});
 }
 
-TEST_CASE("mirror nbd: injected EIO and a full target fail the job with the cause; the guest sees no error") {
+TEST_CASE("mirror nbd: injected EIO, a full target, a killed server fail the job with the cause; fio sees no error") {
   RequireMountTools();
   RequireTool("nbdkit");
   struct Case {
     const char* name;
     std::vector<std::string> args;
     const char* cause;
-  } cases[] = {{"error filter", {"--filter=error", "memory", "8M", "error=EIO", "error-pwrite-rate=100%"}, "Input/output error"},
-               {"full plugin", {"full", "8M"}, "No space left"}};
+    bool kill;  // killed (SIGKILL) mid-job under write-blocking, else refused by `start --wait`
+  } cases[] = {{"error filter", {"--filter=error", "memory", "8M", "error=EIO", "error-pwrite-rate=100%"}, "Input/output error", false},
+               {"full plugin", {"full", "8M"}, "No space left", false},
+               {"killed server", {"memory", "8M"}, "not connected", true}};
   for (const auto& c : cases) {
     INFO(c.name);
     MirrorRig r;
-    QemuImgCreate(r.img, "8M");
-    QemuIo(r.img, {"write -P 0x51 0 4M"});
-    std::string nsock = r.s.File("nbdkit.sock");
-    auto server = StartNbdkitUnix(r.s.dir, nsock, c.args);
-    MountGuard g(r.mp, {"mount", "--socket", r.sock, r.img, r.mp}, r.sock);
-    REQUIRE_MOUNTED(g);
-    CmdResult st = r.Mirror({"start", r.Job(R"({"id": "e", "target": {"nbd": ")" + UnixUri(nsock) + R"("}})"), "--wait"});
-    INFO(Describe({"mirror", "start"}, st));
-    CHECK(st.exit_code == 1);
-    CHECK(Contains(st.err, c.cause));
+    r.Source("8M", {"write -P 0x51 0 4M"});
+    auto server = r.Nbdkit(c.args);
+    auto g = r.Mount();
+    FioRun fio(r.s.dir, {r.mp, 4 * MiB, 2 * MiB, 0, 0, 2500});
+    if (c.kill) {
+      // 1 MiB/s: the job is mid-copy when the server dies; fio's writes to copied chunks go
+      // through to the server until then.
+      r.MustMirror({"start", r.Job("e", "write-blocking", r.NbdkitTarget(), {{"speed", 1 * MiB}})});
+      CHECK(WaitFor([&] { return r.StatusJson("e")["bytes_done"].get<uint64_t>() > 0; }, 30000));
+      server->Kill(SIGKILL);
+      CHECK(WaitFor([&] { return Contains(r.JobState("e"), "failed"); }, 30000));
+    } else {
+      CmdResult st = r.Mirror({"start", r.Job("e", "background", r.NbdkitTarget()), "--wait"});
+      INFO(Describe({"mirror", "start"}, st));
+      CHECK(st.exit_code == 1);
+      CHECK(Contains(st.err, c.cause));
+    }
     {
       Fd fd(r.mp, O_RDWR);
       std::vector<char> b(4096, 0x52);
-      CHECK(PwriteAll(fd.get(), b.data(), b.size(), 6 * MiB));
+      CHECK(PwriteAll(fd.get(), b.data(), b.size(), 6 * MiB + 512));
       CHECK(::fsync(fd.get()) == 0);
     }
-    CHECK(Contains(r.JobState("e"), "failed"));
-    CHECK_UNMOUNTS(g);
+    fio.Finish();
+    std::string state = r.JobState("e");
+    INFO(state);
+    CHECK(Contains(state, "failed"));
+    CHECK((Contains(state, c.cause) || (c.kill && Contains(state, "connection lost"))));
+    CHECK(r.Mirror({"cancel", "e"}, 5000).exit_code == 0);
+    CHECK_UNMOUNTS(*g);
     CheckClean(r.img);
+    QemuIo(r.img, {"read -P 0x51 0 4M", "read -P 0x52 6291968 4096"});
+  }
+}
+
+// A write-blocking job against a target slower than the guest (nbdkit's rate filter): the
+// guest's writes into copied chunks go through at the target's pace and add nothing dirty,
+// so the job becomes ready while the writer keeps writing. In background mode the same
+// writer re-dirties chunks faster than they are copied: the job stays running until the
+// writer stops (which shows the writer is indeed faster than the copy).
+TEST_CASE("mirror nbd: write-blocking converges under a writer faster than a rate-limited target") {
+  RequireMountTools();
+  RequireTool("nbdkit");
+  for (std::string mode : {"write-blocking", "background"}) {
+    INFO(mode);
+    MirrorRig r;
+    r.Source("16M", {"write -P 0x61 0 2M"});
+    std::string rate = r.s.File("rate");
+    // 16 Mbit/s: 2 MiB/s for the copy and the guest's writes together (until the writer stops).
+    WriteFileText(rate, "16M\n");
+    auto server = r.Nbdkit({"--filter=rate", "memory", "16M", "rate=16M", "rate-file=" + rate});
+    auto g = r.Mount();
+    {
+      GuestWriter w(r.mp, 8 * MiB, 2);
+      REQUIRE(w.WaitWrites(20, 30000));
+      std::string job = r.Job("c", mode, r.NbdkitTarget());
+      if (mode == "write-blocking") {
+        CmdResult st = r.Mirror({"start", job, "--wait"}, 60000);
+        INFO(Describe({"mirror", "start"}, st));
+        CHECK(st.exit_code == 0);
+        CHECK(Contains(r.JobState("c"), "ready"));
+        CHECK(w.WaitWrites(20, 30000));  // the writer still writes, the job stays ready
+        CHECK(Contains(r.JobState("c"), "ready"));
+        CHECK(r.StatusJson("c")["actively_synced"].get<bool>());
+      } else {
+        r.MustMirror({"start", job});
+        // Sampled over at least 100 writes and 3 s: never ready while the writer runs.
+        bool ready = false;
+        auto now = std::chrono::steady_clock::now;
+        auto until = now() + std::chrono::seconds(3), cap = now() + std::chrono::seconds(60);
+        int from = w.writes();
+        while ((now() < until || w.writes() < from + 100) && now() < cap) {
+          if (Contains(r.JobState("c"), "ready")) ready = true;
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+        CHECK_FALSE(ready);
+        CHECK(Contains(r.JobState("c"), "running"));
+      }
+      CHECK(w.Stop());
+    }
+    WriteFileText(rate, "10G\n");  // the rest (and the compare) at full speed
+    CHECK(WaitFor([&] { return Contains(r.JobState("c"), "ready"); }, 120000));
+    r.MustMirror({"complete", "c", "--no-pivot"});
+    CHECK_UNMOUNTS(*g);
+    CheckClean(r.img);
+    CheckSameContent(r.img, UnixUri(r.nsock));
+  }
+}
+
+// SPEC §6: cancel returns within 3 s even with a request hung at the target, and no request
+// reaches the target after it returns; the guest keeps reading and writing meanwhile and
+// unmount stays prompt. The target (nbdkit: the log filter outside the pause filter, so
+// the log shows every request that arrived) is paused with a copy (background) or a guest
+// write-through (write-blocking) in flight; target_timeout 60 s, so a cancel that waited
+// for the request would take a minute.
+//
+// The hung guest write is dd's, in its own process: while a write to a FUSE file is in
+// flight the kernel holds the inode lock, and closing any descriptor of that file (FUSE
+// FLUSH) waits for it; a test process holding one would hang every child it forks (the
+// CLI) at exec, which closes it.
+TEST_CASE("mirror nbd: cancel returns within 3 s with a request hung at the target; nothing reaches it after") {
+  RequireMountTools();
+  RequireTool("nbdkit");
+  for (std::string mode : {"background", "write-blocking"}) {
+    INFO(mode);
+    MirrorRig r;
+    r.Source("16M", {"write -P 0x71 0 8M"});
+    std::string ctl = r.s.File("pause.ctl"), log = r.s.File("requests.log");
+    auto server = r.Nbdkit({"--filter=log", "--filter=pause", "memory", "16M", "logfile=" + log, "pause-control=" + ctl});
+    auto g = r.Mount();
+    std::string job = r.Job("h", mode, r.NbdkitTarget(), {{"target_timeout", 60}});
+    std::unique_ptr<Server> guest;  // the hung guest write (write-blocking)
+    if (mode == "background") {
+      PauseControl(ctl, 'p');
+      int before = NbdkitRequestsLogged(log);
+      r.MustMirror({"start", job});
+      REQUIRE(WaitFor([&] { return NbdkitRequestsLogged(log) > before; }, 30000));  // a copy is hung
+      // The guest goes on: a write and a read through the mount return at once.
+      Fd fd(r.mp, O_RDWR);
+      std::vector<char> b(8192, 0x72);
+      CHECK(MillisOf([&] { CHECK(PwriteAll(fd.get(), b.data(), b.size(), 9 * MiB)); }) < 2000);
+      CHECK(MillisOf([&] { CHECK(ReadRange(r.mp, 0, 1 * MiB) == std::vector<char>(1 * MiB, 0x71)); }) < 2000);
+    } else {
+      r.MustMirror({"start", job, "--wait"});
+      PauseControl(ctl, 'p');
+      int before = NbdkitRequestsLogged(log);
+      std::string pattern = r.s.File("pattern");
+      WriteFileText(pattern, std::string(4096, '\x73'));
+      guest = std::make_unique<Server>(std::vector<std::string>{"dd", "if=" + pattern, "of=" + r.mp, "bs=4096",
+                                                                 "seek=768", "count=1", "conv=notrunc"},
+                                       r.s.File("dd.log"), [] { return true; });
+      REQUIRE(WaitFor([&] { return NbdkitRequestsLogged(log) > before; }, 30000));  // written through: hung
+      CHECK(guest->WaitExit(0) == -1);
+    }
+    CHECK(Contains(r.JobState("h"), mode == "background" ? "running" : "ready"));
+    CmdResult cancel{127, "", ""};
+    long long ms = MillisOf([&] { cancel = r.Mirror({"cancel", "h"}, 30000); });
+    int after_cancel = NbdkitRequestsLogged(log);
+    INFO(Describe({"mirror", "cancel"}, cancel));
+    CHECK(cancel.exit_code == 0);
+    CHECK(ms < 3000);
+    // The hung guest write returns now (with the source's result).
+    if (guest) CHECK(guest->WaitExit(3000) == 0);
+    CHECK(Contains(r.JobState("h"), "cancelled"));
+    {
+      // The guest goes on, the target hears nothing more, even once it answers again.
+      Fd fd(r.mp, O_RDWR);
+      std::vector<char> b(65536, 0x74);
+      CHECK(PwriteAll(fd.get(), b.data(), b.size(), 12 * MiB));
+      CHECK(ReadRange(r.mp, 12 * MiB, 65536) == b);
+      PauseControl(ctl, 'r');
+      CHECK(PwriteAll(fd.get(), b.data(), b.size(), 13 * MiB));
+      REQUIRE(::fsync(fd.get()) == 0);
+    }
+    CHECK(MillisOf([&] { CHECK_UNMOUNTS(*g); }) < 5000);
+    INFO(ReadWholeFile(log));
+    CHECK(NbdkitRequestsLogged(log) == after_cancel);
+    CheckClean(r.img);
+    QemuIo(r.img, {"read -P 0x71 0 3M", "read -P 0x74 12M 64k", "read -P 0x74 13M 64k"});
+    if (mode == "write-blocking") QemuIo(r.img, {"read -P 0x73 3M 4k"});
   }
 }
 
