@@ -86,6 +86,11 @@ void MirrorJob::NoteCopiedLocked(uint64_t bytes) {
   }
 }
 
+void MirrorJob::WakeAll() {
+  cv_.SignalAll();
+  work_cv_.SignalAll();
+}
+
 void MirrorJob::FailLocked(const Status& s) {
   if (state_ == JobState::kRunning || state_ == JobState::kReady) {
     state_ = JobState::kFailed;
@@ -93,7 +98,7 @@ void MirrorJob::FailLocked(const Status& s) {
     QCOWFS_LOG(Error, "mirror %s failed: %s", cfg_.id.c_str(), error_.c_str());
   }
   stop_ = true;
-  cv_.SignalAll();
+  WakeAll();
 }
 
 // A target error names the target once.
@@ -118,7 +123,7 @@ Status MirrorJob::ScanSource() {
       MutexLock l(&mu_);
       uint64_t c0 = pos / g_, c1 = (end + g_ - 1) / g_;
       MarkDirtyLocked(c0, c1 - c0);
-      cv_.SignalAll();
+      WakeAll();
     }
     pos = end;
   }
@@ -248,7 +253,7 @@ void MirrorJob::Worker() {
     if (speed_ > 0) {
       auto now = std::chrono::steady_clock::now();
       if (now < next_copy_) {
-        cv_.WaitFor(&mu_, std::chrono::duration_cast<std::chrono::milliseconds>(next_copy_ - now).count() + 1);
+        work_cv_.WaitFor(&mu_, std::chrono::duration_cast<std::chrono::milliseconds>(next_copy_ - now).count() + 1);
         continue;
       }
     }
@@ -256,7 +261,7 @@ void MirrorJob::Worker() {
     uint64_t max = std::min<uint64_t>(max_op_chunks_, std::max<uint64_t>(1, room / g_));
     auto [c, n] = room >= g_ || inflight_bytes_ == 0 ? PickLocked(max) : std::pair<uint64_t, uint64_t>{0, 0};
     if (n == 0) {
-      cv_.Wait(&mu_);
+      work_cv_.Wait(&mu_);
       continue;
     }
     uint64_t bytes = ChunkBytes(c, n);
@@ -283,7 +288,7 @@ void MirrorJob::Worker() {
       dirty_.Add(c, n + extra);
       FailLocked(s);
     }
-    cv_.SignalAll();
+    WakeAll();
   }
   mu_.Unlock();
 }
@@ -297,7 +302,9 @@ bool MirrorJob::BeforeGuestWrite(uint64_t off, uint64_t len) {
   if (stop_ || !(cfg_.mode == config::MirrorJobConfig::Mode::kWriteBlocking || completing_)) return false;
   // Write-blocking: claim the whole range before the source write, so that of two
   // overlapping guest writes the one that reached the source last reaches the target last.
+  claim_waiters_++;
   while (claimed_.Intersects(c0, c1 - c0) && !stop_) cv_.Wait(&mu_);
+  claim_waiters_--;
   if (stop_) return false;
   claimed_.Add(c0, c1 - c0);
   return true;
@@ -314,7 +321,10 @@ void MirrorJob::AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bo
     // source write that may have changed part of the range): the copy takes it.
     if (claimed) claimed_.Remove(c0, c1 - c0);
     if (!stop_) MarkDirtyLocked(c0, c1 - c0);
-    cv_.SignalAll();
+    // The hot path of a background job: wake one copy worker, not every thread that waits
+    // on the job (claim waiters only if a claim was released).
+    if (claimed && claim_waiters_ > 0) cv_.SignalAll();
+    work_cv_.Signal();
     mu_.Unlock();
     return;
   }
@@ -340,9 +350,12 @@ void MirrorJob::AfterGuestWrite(uint64_t off, uint64_t len, const void* data, bo
   claimed_.Remove(c0, c1 - c0);
   if (!s.ok()) {
     MarkDirtyLocked(c0, c1 - c0);
-    FailLocked(TargetError(s));
+    FailLocked(TargetError(s));  // wakes everyone
   }
-  cv_.SignalAll();
+  // Released a claim: guest writes waiting for it, and a copy worker if the range holds
+  // dirty chunks it skipped while claimed.
+  if (claim_waiters_ > 0) cv_.SignalAll();
+  if (dirty_.Intersects(c0, c1 - c0)) work_cv_.Signal();
   mu_.Unlock();
 }
 
@@ -402,7 +415,7 @@ Status MirrorJob::GuestRead(block::BlockDevice* src, uint64_t off, void* buf, si
     }
   }
   if (!ts.ok()) FailLocked(TargetError(ts));
-  cv_.SignalAll();
+  WakeAll();
   return rs;  // the guest gets the source's result, whatever the target did
 }
 
@@ -419,7 +432,7 @@ void MirrorJob::Coordinate() {
   mu_.Lock();
   if (!scan.ok()) FailLocked(Status::Error(scan.err(), "reading the source: " + scan.message()));
   scan_done_ = true;
-  cv_.SignalAll();
+  WakeAll();
   bool done = false;
   while (!done) {
     if (stop_) break;
@@ -435,7 +448,7 @@ void MirrorJob::Coordinate() {
       if (state_ == JobState::kRunning && CaughtUpLocked()) {
         state_ = JobState::kReady;
         QCOWFS_LOG(Info, "mirror %s: ready", cfg_.id.c_str());
-        cv_.SignalAll();
+        WakeAll();
       }
       continue;
     }
@@ -453,7 +466,7 @@ void MirrorJob::Coordinate() {
         continue;
       }
       stop_ = true;
-      cv_.SignalAll();
+      WakeAll();
       mu_.Unlock();
       for (auto& w : workers_) w.join();
       workers_.clear();
@@ -483,7 +496,7 @@ void MirrorJob::Coordinate() {
     cv_.Wait(&mu_);
   }
   stop_ = true;
-  cv_.SignalAll();
+  WakeAll();
   mu_.Unlock();
   for (auto& w : workers_) w.join();
   workers_.clear();
@@ -493,7 +506,7 @@ void MirrorJob::Coordinate() {
   }
   MutexLock l(&mu_);
   finished_ = true;
-  cv_.SignalAll();
+  WakeAll();
 }
 
 Status MirrorJob::CloseTarget() {
@@ -512,7 +525,7 @@ Status MirrorJob::Complete(bool pivot) {
       return Status::Invalid("job " + cfg_.id + " is " + StateName(state_) + ", not ready: it cannot complete yet");
     complete_ = true;
     pivot_ = pivot;
-    cv_.SignalAll();
+    WakeAll();
     while (!finished_) cv_.Wait(&mu_);
     if (state_ != JobState::kCompleted) return Status::IoError("job " + cfg_.id + " failed: " + error_);
   }
@@ -529,7 +542,7 @@ void MirrorJob::Cancel() {
     }
     cancel_ = true;
     stop_ = true;
-    cv_.SignalAll();
+    WakeAll();
   }
   // A cancelled job's target content is undefined anyway: cut a hung connection so the
   // workers come back now (a file target has nothing to abort; its writes end).
@@ -541,7 +554,7 @@ void MirrorJob::SetSpeed(uint64_t bps) {
   MutexLock l(&mu_);
   speed_ = bps;
   next_copy_ = std::chrono::steady_clock::now();
-  cv_.SignalAll();
+  WakeAll();
 }
 
 JobState MirrorJob::WaitReadyOrEnd(int64_t timeout_ms) {

@@ -114,6 +114,7 @@ class MirrorJob {
   void FailLocked(const Status& s) REQUIRES(mu_);
   void MarkDirtyLocked(uint64_t first, uint64_t n) REQUIRES(mu_);
   void NoteCopiedLocked(uint64_t bytes) REQUIRES(mu_);
+  void WakeAll();  // signals both condition variables
   bool QuiescentLocked() const REQUIRES(mu_) { return dirty_.empty() && claimed_.empty(); }
   // Nothing dirty and no copy (background or copy-on-read) in flight: ready, and where
   // complete pauses the guest. Write-blocking guest writes in flight do not count (they are
@@ -136,7 +137,9 @@ class MirrorJob {
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
 
   mutable Mutex mu_;
-  CondVar cv_;
+  CondVar cv_;       // state, claims, readiness: the coordinator, guest writes waiting for a claim, callers
+  CondVar work_cv_;  // copy workers waiting for dirty chunks, room in buf_size or the speed budget
+  int claim_waiters_ GUARDED_BY(mu_) = 0;  // guest writes waiting in BeforeGuestWrite
   JobState state_ GUARDED_BY(mu_) = JobState::kRunning;
   std::string error_ GUARDED_BY(mu_);
   ChunkSet dirty_ GUARDED_BY(mu_);
