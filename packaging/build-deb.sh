@@ -49,7 +49,7 @@ rm -rf "$work"
 mkdir -p "$src"
 if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   git -C "$root" ls-files -z --cached --others --exclude-standard |
-    (cd "$root" && tar --null -T - --no-recursion --ignore-failed-read -cf -) | tar -xf - -C "$src"
+    (cd "$root" && tar --null --no-recursion --ignore-failed-read -cf - -T -) | tar -xf - -C "$src"
 else
   tar --exclude='./build*' --exclude='./.git' --exclude='./qcowfs_*.deb' -cf - . | tar -xf - -C "$src"
 fi

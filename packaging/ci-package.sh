@@ -107,7 +107,8 @@ SYSTEMD_FSTAB="$tmp/fstab" SYSTEMD_PROC_CMDLINE="" \
   /lib/systemd/system-generators/systemd-fstab-generator "$tmp/gen/normal" "$tmp/gen/early" "$tmp/gen/late"
 unit=$(systemd-escape --path --suffix=mount "$tmp/dir")
 grep -q '^Type=fuse.qcowfs$' "$tmp/gen/normal/$unit" || die "the fstab generator made no fuse.qcowfs unit"
-grep -q "^RequiresMountsFor=$tmp\$" "$tmp/gen/normal/$unit" || die "x-systemd.requires= not in $unit"
+grep -qFx "Requires=$(systemd-escape --path --suffix=mount "$tmp")" "$tmp/gen/normal/$unit" ||
+  die "x-systemd.requires=$tmp did not become a Requires= on its mount in $unit"
 cat "$tmp/gen/normal/$unit"
 
 echo "== systemd: READY=1 and STOPPING=1 (the unit's ExecStart on a test config)"
