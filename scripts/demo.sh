@@ -11,7 +11,7 @@ if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
   apt-get update
   apt-get install -y build-essential cmake pkg-config libfuse3-dev fuse3 \
     libboost-program-options-dev nlohmann-json3-dev doctest-dev zlib1g-dev libzstd-dev \
-    libnbd-dev qemu-utils e2fsprogs
+    libnbd-dev libsystemd-dev scdoc qemu-utils e2fsprogs
 else
   echo "demo: not root (or no apt-get): assuming the dependencies are installed" >&2
 fi

@@ -25,13 +25,14 @@
 #include "qcow2/create.h"
 #include "qcow2/image.h"
 #include "util/size.h"
+#include "version.h"
 
 namespace po = boost::program_options;
 using namespace qcowfs;
 
 namespace {
 
-constexpr const char* kVersion = "qcowfs 0.1.0";
+constexpr const char* kVersion = "qcowfs " QCOWFS_VERSION;
 
 struct UsageError {
   std::string msg;

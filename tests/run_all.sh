@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # The project's test command (what .ci/run and README.md run). From the repository root:
-#   bash tests/run_all.sh             gcc build + ctest, ASan/UBSan build + ctest,
-#                                     clang-14 -Wthread-safety build, TSan concurrency
-#                                     tests, libFuzzer (2 minutes per target)
+#   bash tests/run_all.sh             gcc build + ctest, the Debian package (built,
+#                                     installed, smoke-tested, linted, purged: root
+#                                     only), ASan/UBSan build + ctest, clang-14
+#                                     -Wthread-safety build, TSan concurrency tests,
+#                                     libFuzzer (2 minutes per target)
 #   QCOWFS_QUICK=1 bash tests/run_all.sh   only the first (for local iteration)
+# Every build here passes -DQCOWFS_WERROR=ON: warnings are errors in CI (a user's build
+# defaults to OFF).
 # Environment: JOBS (default 2) for build and ctest parallelism; CI=true turns a missing
 # tool from a skip into a failure; QCOWFS_FUZZ_TIME (default 120) seconds per fuzz target.
 set -euo pipefail
@@ -89,27 +93,35 @@ run_fuzzer() {
 }
 
 step "gcc: optimised build with assertions (build/)"
-build_and_test build yes -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+build_and_test build yes -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_WERROR=ON \
   -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
 summary+=("gcc RelWithDebInfo + ctest: ok")
 
 if [[ "$QUICK" != 1 ]]; then
+  step "Debian package: build, lintian, install, smoke test, purge (packaging/ci-package.sh)"
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    JOBS="$JOBS" bash packaging/ci-package.sh
+    summary+=("Debian package built, installed, smoke-tested, linted, purged: ok")
+  else
+    skip_or_fail "Debian package step: needs root and apt-get"
+  fi
+
   step "gcc: ASan + UBSan (build-asan/)"
   ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}" \
   UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
-    build_and_test build-asan yes -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=asan \
+    build_and_test build-asan yes -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=asan -DQCOWFS_WERROR=ON \
       -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
   summary+=("gcc ASan+UBSan + ctest: ok")
 
   step "clang-14: -Wthread-safety -Werror build (build-clang/)"
   # The annotated locks live in the product code: build qcowfs, the bench's null export and their libraries.
-  cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_THREAD_SAFETY=ON \
+  cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_THREAD_SAFETY=ON -DQCOWFS_WERROR=ON \
     -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14
   cmake --build build-clang -j"$JOBS" --target qcowfs qcowfs-null-export
   summary+=("clang-14 thread-safety build: ok")
 
   step "gcc: TSan, the concurrency tests (build-tsan/)"
-  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=tsan \
+  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=tsan -DQCOWFS_WERROR=ON \
     -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
   cmake --build build-tsan -j"$JOBS" --target unit_qcow2 unit_mirror
   # race:* (discard/rewrite races, overlapping allocations, concurrent I/O + flush),
@@ -121,7 +133,7 @@ if [[ "$QUICK" != 1 ]]; then
 
   step "clang-14: libFuzzer, ${FUZZ_TIME}s per target (build-fuzz/)"
   if missing="$(missing_tools clang++-14 qemu-img qemu-io)"; then
-    cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_FUZZ=ON \
+    cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_FUZZ=ON -DQCOWFS_WERROR=ON \
       -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14
     cmake --build build-fuzz -j"$JOBS" --target fuzz_image fuzz_config
     # Saved crash inputs (tests/fuzz/regressions/) and the config seeds first.

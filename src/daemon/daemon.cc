@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -320,7 +321,11 @@ int RunMount(const config::MountConfig& cfg) {
   }
   control.Start();
   QCOWFS_LOG(Info, "mounted %zu image(s) on %s", mounted.size(), mountpoint.c_str());
+  // Under systemd (qcowfs@.service, Type=notify) the service is up once the mount is live
+  // and the control socket answers; without NOTIFY_SOCKET these calls do nothing.
+  sd_notifyf(0, "READY=1\nSTATUS=%zu image(s) mounted on %s", mounted.size(), mountpoint.c_str());
   Status run = server.Run();
+  sd_notify(0, "STOPPING=1");
   control.Stop();
   int rc = jobs.Shutdown();
   if (!run.ok()) {

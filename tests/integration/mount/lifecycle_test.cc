@@ -106,7 +106,10 @@ bool HasFileLock(const std::string& path) {
   if (::stat(path.c_str(), &st) != 0) return false;
   std::ifstream in("/proc/locks");
   std::string line;
-  const std::string suffix = ":" + std::to_string(st.st_ino);
+  // Appended rather than `":" + std::to_string(...)`: GCC 12 at -O3 reports a false
+  // -Wrestrict in that operator+.
+  std::string suffix = ":";
+  suffix += std::to_string(st.st_ino);
   while (std::getline(in, line)) {
     std::istringstream ls(line);
     std::string tok;
