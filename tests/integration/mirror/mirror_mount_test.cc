@@ -204,13 +204,7 @@ TEST_CASE("mirror mount: refused jobs name the key or target, write nothing, and
       {R"({"target": {"path": "/nonexistent-dir/x.qcow2"}})", "target.path /nonexistent-dir/x.qcow2"},
       {"{not json", "invalid JSON"},
   };
-  for (const auto& b : bad) {
-    CmdResult res = r.Mirror({"start", r.Job(b.json)});
-    INFO(b.json << "\n" << Describe({"mirror", "start"}, res));
-    CHECK(res.exit_code == 1);
-    CHECK(CountLines(res.err) == 1);
-    CHECK(Contains(res.err, b.expect));
-  }
+  for (const auto& b : bad) r.ExpectRefused(b.json, b.expect);
   CHECK(::access(fresh.c_str(), F_OK) != 0);
   CHECK(Sha256File(exists) == sum_exists);
   CHECK(Sha256File(small) == sum_small);

@@ -55,6 +55,14 @@ struct MirrorRig {
     REQUIRE(r.exit_code == 0);
     return r;
   }
+  // `mirror start` of this job JSON is refused: exit 1, one line on stderr containing expect.
+  void ExpectRefused(const std::string& json, const std::string& expect) {
+    CmdResult res = Mirror({"start", Job(json)});
+    INFO(json << "\n" << Describe({"mirror", "start"}, res));
+    CHECK(res.exit_code == 1);
+    CHECK(CountLines(res.err) == 1);
+    CHECK(Contains(res.err, expect));
+  }
   // A job file with this JSON.
   std::string Job(const std::string& json) {
     std::string f = s.File("job" + std::to_string(n++) + ".json");

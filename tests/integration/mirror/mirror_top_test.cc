@@ -134,13 +134,7 @@ TEST_CASE("mirror top: bad target.backing is refused with one line and nothing i
        "is the source image itself"},
       {R"({"sync": "top", "target": {"path": ")" + dst + R"(", "format": "raw"}})", "sync: \"top\" needs a new qcow2"},
   };
-  for (const auto& b : bad) {
-    CmdResult res = r.Mirror({"start", r.Job(b.json)});
-    INFO(b.json << "\n" << Describe({"mirror", "start"}, res));
-    CHECK(res.exit_code == 1);
-    CHECK(CountLines(res.err) == 1);
-    CHECK(Contains(res.err, b.expect));
-  }
+  for (const auto& b : bad) r.ExpectRefused(b.json, b.expect);
   CHECK(::access(dst.c_str(), F_OK) != 0);
   CHECK(g.Status(false).exit_code == 0);
   CHECK_UNMOUNTS(g);
