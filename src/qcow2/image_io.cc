@@ -163,6 +163,14 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
       done += w.value();
       continue;
     }
+    if (s.ok() && (pos & (cs - 1)) == 0 && len - done >= 2 * cs) {
+      auto f = WriteFresh(pos, in + done, len - done);
+      s = f.status();
+      if (s.ok() && f.value() > 0) {
+        done += f.value();
+        continue;
+      }
+    }
     uint64_t n = std::min<uint64_t>(len - done, cs - (pos & (cs - 1)));
     if (s.ok()) s = WriteCluster(pos, in + done, n);
     if (!s.ok()) return s.is_corruption() ? MarkCorrupt(s.message()) : s;
@@ -233,6 +241,84 @@ Result<uint64_t> Qcow2Image::WriteInPlace(uint64_t off, const uint8_t* buf, uint
     at += runs[i].len;
   }
   return done;
+}
+
+Result<uint64_t> Qcow2Image::WriteFresh(uint64_t off, const uint8_t* buf, uint64_t len) {
+  if (has_data_file_) return uint64_t{0};
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t gc = off / cs;
+  const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
+  // Whole clusters of the write, within this L2 table, at most 2 MiB (and 2 clusters).
+  const uint64_t max_n = std::min({len / cs, geo_.l2_entries - l2i,
+                                   std::max<uint64_t>(2, (uint64_t{2} << 20) / cs)});
+  if (max_n < 2) return uint64_t{0};
+  InFlightRefs refs(&inflight_);
+  uint64_t n = 0, host = 0;
+  meta_mu_.Lock();
+  LockGuest(gc, gc + max_n - 1);
+  auto give_up = [&](Status s) -> Result<uint64_t> {
+    UnlockGuest(gc, gc + max_n - 1);
+    meta_mu_.Unlock();
+    if (!s.ok()) return s;
+    return uint64_t{0};
+  };
+  {
+    auto t = L2ForWrite(l1i);
+    if (!t.ok()) return give_up(t.status());
+    const uint8_t* l2 = t.value()->data.data();
+    while (n < max_n) {
+      ClusterInfo ci = Decode(l2, gc + n);
+      // Unallocated or zero without a host cluster: nothing to copy, nothing to free.
+      if (ci.type != ClusterInfo::kUnallocated || ci.bad_bitmap) break;
+      n++;
+    }
+  }
+  if (n < 2) return give_up(Status::Ok());
+  // Keep only the clusters this write takes busy (we hold meta_mu_ throughout, so no
+  // waiter slips in between).
+  UnlockGuest(gc, gc + max_n - 1);
+  LockGuest(gc, gc + n - 1);
+  {
+    auto a = AllocClusters(n, false);
+    if (!a.ok()) {
+      UnlockGuest(gc, gc + n - 1);
+      meta_mu_.Unlock();
+      return a.status();
+    }
+    host = a.value();
+  }
+  Status s = CheckOverlap(host, n * cs, "data");
+  if (!s.ok()) {
+    UnallocClusters(host, n);
+    UnlockGuest(gc, gc + n - 1);
+    meta_mu_.Unlock();
+    return s;
+  }
+  refs.Add(host, n * cs);
+  meta_mu_.Unlock();
+
+  Status st = data_->Write(host, buf, n * cs);
+
+  // Link: the data is written; the flush orders it before the L2 tables.
+  meta_mu_.Lock();
+  if (st.ok()) {
+    auto t = L2ForWrite(l1i);
+    if (!t.ok()) {
+      st = t.status();
+    } else {
+      TableCache::Entry* e = t.value();
+      const uint64_t bitmap = geo_.extended_l2 ? (uint64_t{1} << kSubclusters) - 1 : 1;
+      for (uint64_t i = 0; i < n; i++)
+        Encode(e->data.data(), l2i + i, ((host + i * cs) & kL2OffsetMask) | kOflagCopied, bitmap);
+      e->dirty = true;
+      metadata_dirty_ = true;
+    }
+  }
+  if (!st.ok()) UnallocClusters(host, n);  // no table points at them
+  UnlockGuest(gc, gc + n - 1);
+  meta_mu_.Unlock();
+  if (!st.ok()) return st;
+  return n * cs;
 }
 
 Status Qcow2Image::WriteDataFile(uint64_t off, const void* buf, size_t len) {
