@@ -3,6 +3,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstring>
 
 #include "qcow2/cluster_info.h"
@@ -14,18 +15,58 @@ namespace {
 constexpr uint64_t kMaxReadChunk = 4ull << 20;
 
 // Releases tracked host ranges when a request's I/O is over.
+// The first few handles live inline: a request rarely has more, and a 4 KiB read then
+// allocates nothing.
 class InFlightRefs {
  public:
   explicit InFlightRefs(InFlightTable* t) : t_(t) {}
+  InFlightRefs(const InFlightRefs&) = delete;
+  InFlightRefs& operator=(const InFlightRefs&) = delete;
   ~InFlightRefs() {
-    for (auto h : handles_) t_->Release(h);
+    for (size_t i = 0; i < n_inline_; i++) t_->Release(inline_[i]);
+    for (auto h : more_) t_->Release(h);
   }
-  void Add(uint64_t start, uint64_t len) { handles_.push_back(t_->Register(start, len)); }
+  void Add(uint64_t start, uint64_t len) {
+    InFlightTable::Handle h = t_->Register(start, len);
+    if (n_inline_ < kInline)
+      inline_[n_inline_++] = h;
+    else
+      more_.push_back(h);
+  }
 
  private:
+  static constexpr size_t kInline = 4;
   InFlightTable* t_;
-  std::vector<InFlightTable::Handle> handles_;
+  InFlightTable::Handle inline_[kInline];
+  size_t n_inline_ = 0;
+  std::vector<InFlightTable::Handle> more_;
 };
+
+// Per-thread extent lists for the data paths, one per nesting level (a read of an
+// overlay reads its backing file on the same thread), reused so that mapping a
+// request allocates nothing in steady state.
+class ExtentScratch {
+ public:
+  ExtentScratch() {
+    if (pool_.size() <= depth_) pool_.emplace_back();
+    v_ = &pool_[depth_++];
+    v_->clear();
+  }
+  ExtentScratch(const ExtentScratch&) = delete;
+  ExtentScratch& operator=(const ExtentScratch&) = delete;
+  ~ExtentScratch() {
+    if (v_->capacity() > 64) std::vector<Extent>().swap(*v_);  // no large lists kept
+    depth_--;
+  }
+  std::vector<Extent>& get() { return *v_; }
+
+ private:
+  static thread_local std::deque<std::vector<Extent>> pool_;  // stable addresses
+  static thread_local size_t depth_;
+  std::vector<Extent>* v_;
+};
+thread_local std::deque<std::vector<Extent>> ExtentScratch::pool_;
+thread_local size_t ExtentScratch::depth_ = 0;
 
 }  // namespace
 
@@ -127,8 +168,10 @@ Status Qcow2Image::Read(uint64_t offset, void* buf, size_t len) {
   if (offset > Size() || len > Size() - offset) return Status::Invalid(name_ + ": read beyond the end of the image");
   auto* out = static_cast<uint8_t*>(buf);
   uint64_t done = 0;
+  ExtentScratch scratch;
+  std::vector<Extent>& ext = scratch.get();
   while (done < len) {
-    std::vector<Extent> ext;
+    ext.clear();
     InFlightRefs refs(&inflight_);
     uint64_t n;
     uint64_t want = std::min<uint64_t>(len - done, kMaxReadChunk);

@@ -4,9 +4,23 @@
 
 namespace qcowfs::qcow2 {
 
+InFlightTable::~InFlightTable() {
+  MutexLock l(&mu_);
+  for (Node* list : {live_, free_}) {
+    while (list) {
+      Node* next = list->next;
+      delete list;
+      list = next;
+    }
+  }
+}
+
 std::vector<HostRange> InFlightTable::Snapshot() {
   MutexLock l(&mu_);
-  return std::vector<HostRange>(live_.begin(), live_.end());
+  std::vector<HostRange> out;
+  out.reserve(count_);
+  for (const Node* n = live_; n; n = n->next) out.push_back(n->r);
+  return out;
 }
 
 HostRangeSet::HostRangeSet(std::vector<HostRange> ranges) {

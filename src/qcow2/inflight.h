@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <list>
 #include <utility>
 #include <vector>
 
@@ -24,33 +23,63 @@ struct HostRange {
 
 class InFlightTable {
  public:
-  using Handle = std::list<HostRange>::iterator;
+  // A live range's node. Nodes are recycled through a free list, so a request
+  // that registers and releases ranges allocates no memory in steady state.
+  struct Node {
+    HostRange r;
+    Node* prev = nullptr;
+    Node* next = nullptr;
+  };
+  using Handle = Node*;
+
+  InFlightTable() = default;
+  InFlightTable(const InFlightTable&) = delete;
+  InFlightTable& operator=(const InFlightTable&) = delete;
+  ~InFlightTable();
 
   Handle Register(uint64_t start, uint64_t len) EXCLUDES(mu_) {
     MutexLock l(&mu_);
-    live_.push_front(HostRange{start, start + len});
-    return live_.begin();
+    Node* n = free_;
+    if (n) {
+      free_ = n->next;
+    } else {
+      n = new Node;
+    }
+    n->r = HostRange{start, start + len};
+    n->prev = nullptr;
+    n->next = live_;
+    if (live_) live_->prev = n;
+    live_ = n;
+    count_++;
+    return n;
   }
   void Release(Handle h) EXCLUDES(mu_) {
     MutexLock l(&mu_);
-    live_.erase(h);
+    if (h->prev) h->prev->next = h->next; else live_ = h->next;
+    if (h->next) h->next->prev = h->prev;
+    h->prev = nullptr;
+    h->next = free_;
+    free_ = h;
+    count_--;
   }
   bool Overlaps(uint64_t start, uint64_t len) EXCLUDES(mu_) {
     MutexLock l(&mu_);
-    for (const auto& r : live_)
-      if (r.start < start + len && start < r.end) return true;
+    for (const Node* n = live_; n; n = n->next)
+      if (n->r.start < start + len && start < n->r.end) return true;
     return false;
   }
   // Copy of the live ranges (unordered; HostRangeSet sorts them).
   std::vector<HostRange> Snapshot() EXCLUDES(mu_);
   size_t size() EXCLUDES(mu_) {
     MutexLock l(&mu_);
-    return live_.size();
+    return count_;
   }
 
  private:
   Mutex mu_;
-  std::list<HostRange> live_ GUARDED_BY(mu_);
+  Node* live_ GUARDED_BY(mu_) = nullptr;
+  Node* free_ GUARDED_BY(mu_) = nullptr;
+  size_t count_ GUARDED_BY(mu_) = 0;
 };
 
 // Sorted, merged view of live ranges for the allocator.
