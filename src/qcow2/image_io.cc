@@ -299,24 +299,27 @@ Result<uint64_t> Qcow2Image::WriteFresh(uint64_t off, const uint8_t* buf, uint64
   uint64_t n = 0, host = 0;
   meta_mu_.Lock();
   LockGuest(gc, gc + max_n - 1);
-  auto give_up = [&](Status s) -> Result<uint64_t> {
-    UnlockGuest(gc, gc + max_n - 1);
-    meta_mu_.Unlock();
-    if (!s.ok()) return s;
-    return uint64_t{0};
-  };
+  Status ls;
   {
     auto t = L2ForWrite(l1i);
-    if (!t.ok()) return give_up(t.status());
-    const uint8_t* l2 = t.value()->data.data();
-    while (n < max_n) {
-      ClusterInfo ci = Decode(l2, gc + n);
-      // Unallocated or zero without a host cluster: nothing to copy, nothing to free.
-      if (ci.type != ClusterInfo::kUnallocated || ci.bad_bitmap) break;
-      n++;
+    if (t.ok()) {
+      const uint8_t* l2 = t.value()->data.data();
+      while (n < max_n) {
+        ClusterInfo ci = Decode(l2, gc + n);
+        // Unallocated or zero without a host cluster: nothing to copy, nothing to free.
+        if (ci.type != ClusterInfo::kUnallocated || ci.bad_bitmap) break;
+        n++;
+      }
+    } else {
+      ls = t.status();
     }
   }
-  if (n < 2) return give_up(Status::Ok());
+  if (!ls.ok() || n < 2) {
+    UnlockGuest(gc, gc + max_n - 1);
+    meta_mu_.Unlock();
+    if (!ls.ok()) return ls;
+    return uint64_t{0};
+  }
   // Keep only the clusters this write takes busy (we hold meta_mu_ throughout, so no
   // waiter slips in between).
   UnlockGuest(gc, gc + max_n - 1);
