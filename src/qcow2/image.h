@@ -8,7 +8,7 @@
 // meta_mu_ drops; the allocator skips refcount-0 clusters that a live request still
 // overlaps. Writes that change an L2 entry first mark the guest cluster busy
 // (busy_), so overlapping allocating writes wait and never allocate twice.
-// Lock order: meta_mu_ -> InFlightTable::mu_ (leaf).
+// Lock order: meta_mu_ -> an InFlightTable shard mutex (leaf, one at a time).
 //
 // On-disk write ordering (crash safety; leaks allowed, never corruption): see
 // ARCHITECTURE.md. In short, FlushLocked makes each step durable before the next:
