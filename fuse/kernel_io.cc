@@ -36,9 +36,9 @@ namespace {
 constexpr uint32_t kInitExt = 1u << 30;                     // FUSE_INIT_EXT (flags)
 constexpr uint32_t kDirectIoAllowMmap2 = 1u << (36 - 32);   // FUSE_DIRECT_IO_ALLOW_MMAP (flags2)
 
-std::atomic<uint64_t> g_init_unique{0};      // the INIT request, while unanswered (0: none)
+std::atomic<bool> g_init_pending{false};     // an INIT request is unanswered
+std::atomic<uint64_t> g_init_unique{0};      // its unique id
 std::atomic<bool> g_mmap_offered{false};     // the kernel's INIT offered the flag
-std::atomic<bool> g_mmap_negotiated{false};  // our INIT reply set it
 
 void NoteInit(const void* buf, ssize_t n) {
   const auto* in = static_cast<const fuse_in_header*>(buf);
@@ -51,15 +51,16 @@ void NoteInit(const void* buf, ssize_t n) {
                 offsetof(fuse_init_in, flags2) + sizeof(uint32_t));
     g_mmap_offered.store((init.flags & kInitExt) && (init.flags2 & kDirectIoAllowMmap2));
   }
-  g_init_unique.store(in->unique, std::memory_order_release);
+  g_init_unique.store(in->unique, std::memory_order_relaxed);
+  g_init_pending.store(true, std::memory_order_release);
 }
 
 // Sets the flag in a successful INIT reply when the kernel offered it.
 void PatchInitReply(struct iovec* iov, int count) {
   auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
-  uint64_t want = g_init_unique.load(std::memory_order_acquire);
-  if (want == 0 || out->unique != want) return;
-  g_init_unique.store(0, std::memory_order_release);
+  if (!g_init_pending.load(std::memory_order_acquire) || out->unique != g_init_unique.load(std::memory_order_relaxed))
+    return;
+  g_init_pending.store(false, std::memory_order_relaxed);
   if (out->error != 0) return;
   if (!g_mmap_offered.load() || count < 2 || iov[1].iov_len < offsetof(fuse_init_out, flags2) + sizeof(uint32_t)) {
     QCOWFS_LOG(Info, "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
@@ -69,7 +70,6 @@ void PatchInitReply(struct iovec* iov, int count) {
   auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);
   arg->flags |= kInitExt;
   arg->flags2 |= kDirectIoAllowMmap2;
-  g_mmap_negotiated.store(true);
 }
 
 // --- FOPEN_PARALLEL_DIRECT_WRITES on open replies ---------------------------
@@ -91,7 +91,7 @@ void NoteRequest(const void* buf, ssize_t n) {
 }
 
 ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
-  if (g_init_unique.load(std::memory_order_relaxed) != 0 && count >= 1 &&
+  if (g_init_pending.load(std::memory_order_relaxed) && count >= 1 &&
       iov[0].iov_len >= sizeof(fuse_out_header))
     PatchInitReply(iov, count);
   if (g_open_pending.load(std::memory_order_acquire) > 0 && count >= 1 &&
@@ -336,8 +336,6 @@ bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
   static const fuse_custom_io io = {Writev, ReadRequest, nullptr, nullptr};
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
 }
-
-bool MmapNegotiated() { return g_mmap_negotiated.load(); }
 
 void ReleaseParkedWorkers() {
   while (g_poller.parked.load(std::memory_order_acquire) > 0) WakeOneParked();

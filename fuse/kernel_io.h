@@ -50,10 +50,6 @@ namespace qcowfs::fuse {
 // Installs the hook on a mounted session. Returns false if libfuse refuses.
 bool InstallKernelIo(fuse_session* se, uint32_t poll_us);
 
-// Whether the INIT reply granted FUSE_DIRECT_IO_ALLOW_MMAP (MAP_SHARED mmap of
-// the direct-io file works); false until INIT was answered.
-bool MmapNegotiated();
-
 // Wakes every parked worker (the session is ending).
 void ReleaseParkedWorkers();
 

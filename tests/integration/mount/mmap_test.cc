@@ -65,7 +65,7 @@ class Mapping {
 // A mapping that must succeed.
 #define REQUIRE_MAPPED(m)                                                          \
   do {                                                                             \
-    INFO("mmap: " << strerror((m).err()) << " (MAP_SHARED on a direct-io FUSE file " \
+    INFO("mmap: " << std::string(strerror((m).err())) << " (MAP_SHARED on a direct-io FUSE file " \
                   "needs FUSE_DIRECT_IO_ALLOW_MMAP, kernel 6.6+)");                \
     REQUIRE((m).ok());                                                             \
   } while (0)
@@ -110,7 +110,7 @@ std::vector<char> ReadAll(const std::string& path, uint64_t len) { return ReadRa
 // The mapping's [off, off+len) equals want[off, off+len).
 void CheckMapped(const Mapping& m, const std::vector<char>& want, uint64_t off, uint64_t len, const char* what) {
   long long d = FirstDiff(m.data() + off, want.data() + off, len);
-  INFO(what << ": mapping [" << off << ", +" << len << ") first difference at +" << d);
+  INFO(std::string(what) << ": mapping [" << off << ", +" << len << ") first difference at +" << d);
   CHECK(d == -1);
 }
 
@@ -119,7 +119,7 @@ void CheckPread(int fd, const std::vector<char>& want, uint64_t off, uint64_t le
   std::vector<char> got(len);
   REQUIRE(PreadAll(fd, got.data(), len, off));
   long long d = FirstDiff(got.data(), want.data() + off, len);
-  INFO(what << ": pread [" << off << ", +" << len << ") first difference at +" << d);
+  INFO(std::string(what) << ": pread [" << off << ", +" << len << ") first difference at +" << d);
   CHECK(d == -1);
 }
 
@@ -265,7 +265,7 @@ TEST_CASE("mount mmap: direct reads see mapped writes after msync, and a direct 
         free(buf);
         REQUIRE(ok);
         std::memcpy(want.data() + off, b.data(), len);
-        INFO("direct write #" << i << (odirect ? " O_DIRECT" : "") << " [" << off << ", +" << len << ")");
+        INFO("direct write #" << i << std::string(odirect ? " O_DIRECT" : "") << " [" << off << ", +" << len << ")");
         CheckMapped(m, want, off & ~(kPage - 1), std::min<uint64_t>(8 * MiB - (off & ~(kPage - 1)), len + 2 * kPage),
                     "after the direct write");
       }
@@ -310,7 +310,7 @@ TEST_CASE("mount mmap: PUNCH_HOLE and ZERO_RANGE over mapped (and dirty) pages r
     REQUIRE_MAPPED(m);
     std::mt19937_64 rng(TestSeed(44));
     for (const Op& op : ops) {
-      INFO(op.name << " [" << op.off << ", +" << op.len << ")");
+      INFO(std::string(op.name) << " [" << op.off << ", +" << op.len << ")");
       CheckMapped(m, want, 0, 16 * MiB, "before");  // every page cached
       // Dirty pages in and next to the range, not synced: written back before the punch.
       for (uint64_t at : {op.off > kPage ? op.off - kPage : 0, op.off, op.off + op.len / 2, op.off + op.len - 1}) {
