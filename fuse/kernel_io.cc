@@ -33,20 +33,21 @@ namespace {
 // MAP_SHARED (page cache for the mappings only, kept coherent by the kernel:
 // kernel_io.h). Without it such an mmap fails with ENODEV. libfuse 3.14 has no
 // capability for it.
-constexpr uint32_t kInitExt = 1u << 30;                     // FUSE_INIT_EXT (flags)
-constexpr uint32_t kDirectIoAllowMmap2 = 1u << (36 - 32);   // FUSE_DIRECT_IO_ALLOW_MMAP (flags2)
+constexpr uint32_t kInitExt = 1u << 30;                    // FUSE_INIT_EXT (flags)
+constexpr uint32_t kDirectIoAllowMmap2 = 1u << (36 - 32);  // FUSE_DIRECT_IO_ALLOW_MMAP (flags2)
 
-std::atomic<bool> g_init_pending{false};     // an INIT request is unanswered
-std::atomic<uint64_t> g_init_unique{0};      // its unique id
-std::atomic<bool> g_mmap_offered{false};     // the kernel's INIT offered the flag
+std::atomic<bool> g_init_pending{false};  // an INIT request is unanswered
+std::atomic<uint64_t> g_init_unique{0};   // its unique id
+std::atomic<bool> g_mmap_offered{false};  // the kernel's INIT offered the flag
 
 void NoteInit(const void* buf, ssize_t n) {
   const auto* in = static_cast<const fuse_in_header*>(buf);
   // flags2 exists from 7.36 on (fuse_init_in grew then); a shorter request has none.
-  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) + sizeof(uint32_t))) {
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) +
+                               sizeof(uint32_t))) {
     g_mmap_offered.store(false);
   } else {
-    fuse_init_in init {};
+    fuse_init_in init{};
     std::memcpy(&init, static_cast<const char*>(buf) + sizeof(fuse_in_header),
                 offsetof(fuse_init_in, flags2) + sizeof(uint32_t));
     g_mmap_offered.store((init.flags & kInitExt) && (init.flags2 & kDirectIoAllowMmap2));
@@ -58,13 +59,16 @@ void NoteInit(const void* buf, ssize_t n) {
 // Sets the flag in a successful INIT reply when the kernel offered it.
 void PatchInitReply(struct iovec* iov, int count) {
   auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
-  if (!g_init_pending.load(std::memory_order_acquire) || out->unique != g_init_unique.load(std::memory_order_relaxed))
+  if (!g_init_pending.load(std::memory_order_acquire) ||
+      out->unique != g_init_unique.load(std::memory_order_relaxed))
     return;
   g_init_pending.store(false, std::memory_order_relaxed);
   if (out->error != 0) return;
-  if (!g_mmap_offered.load() || count < 2 || iov[1].iov_len < offsetof(fuse_init_out, flags2) + sizeof(uint32_t)) {
-    QCOWFS_LOG(Info, "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
-                     "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
+  if (!g_mmap_offered.load() || count < 2 ||
+      iov[1].iov_len < offsetof(fuse_init_out, flags2) + sizeof(uint32_t)) {
+    QCOWFS_LOG(Info,
+               "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
+               "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
     return;
   }
   auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);

@@ -38,8 +38,10 @@ TEST_CASE("mount mmap: PUNCH_HOLE and ZERO_RANGE over mapped (and dirty) pages r
     const char* name;
   } ops[] = {
       {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, MiB, MiB, "punch whole clusters"},
-      {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 3 * MiB + 100, 5000, "punch inside a cluster, partial pages"},
-      {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 * MiB - 3000, 200 * KiB, "punch across clusters"},
+      {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 3 * MiB + 100, 5000,
+       "punch inside a cluster, partial pages"},
+      {FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4 * MiB - 3000, 200 * KiB,
+       "punch across clusters"},
       {FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 6 * MiB, MiB, "zero whole clusters"},
       {FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 8 * MiB + 4000, 300, "zero inside a page"},
       {FALLOC_FL_ZERO_RANGE, 10 * MiB - 5000, 70 * KiB, "zero across clusters, no KEEP_SIZE"},
@@ -55,15 +57,19 @@ TEST_CASE("mount mmap: PUNCH_HOLE and ZERO_RANGE over mapped (and dirty) pages r
       INFO(std::string(op.name) << " [" << op.off << ", +" << op.len << ")");
       CheckMapped(m, want, 0, 16 * MiB, "before");  // every page cached
       // Dirty pages in and next to the range, not synced: written back before the punch.
-      for (uint64_t at : {op.off > kPage ? op.off - kPage : 0, op.off, op.off + op.len / 2, op.off + op.len - 1}) {
+      for (uint64_t at : {op.off > kPage ? op.off - kPage : 0, op.off, op.off + op.len / 2,
+                          op.off + op.len - 1}) {
         char c = static_cast<char>(rng() | 1);
         m.data()[at] = c;
         want[at] = c;
       }
-      REQUIRE(::fallocate(f.get(), op.mode, static_cast<off_t>(op.off), static_cast<off_t>(op.len)) == 0);
+      REQUIRE(::fallocate(f.get(), op.mode, static_cast<off_t>(op.off),
+                          static_cast<off_t>(op.len)) == 0);
       std::memset(want.data() + op.off, 0, op.len);
       CheckMapped(m, want, 0, 16 * MiB, "after");
-      CheckPread(f.get(), want, op.off & ~(kPage - 1), std::min<uint64_t>(16 * MiB - (op.off & ~(kPage - 1)), op.len + 2 * kPage), "pread after");
+      CheckPread(f.get(), want, op.off & ~(kPage - 1),
+                 std::min<uint64_t>(16 * MiB - (op.off & ~(kPage - 1)), op.len + 2 * kPage),
+                 "pread after");
     }
     REQUIRE(m.SyncAll() == 0);
     REQUIRE(::fsync(f.get()) == 0);
@@ -150,7 +156,8 @@ TEST_CASE("mount mmap: direct writes and mapped reads/writes from two threads on
         }
         std::memcpy(want.data() + off, b.data(), len);
         std::vector<char> got(len);
-        if (!PreadAll(f.get(), got.data(), len, off) || FirstDiff(got.data(), b.data(), len) != -1) {
+        if (!PreadAll(f.get(), got.data(), len, off) ||
+            FirstDiff(got.data(), b.data(), len) != -1) {
           direct_err = "pread after pwrite differs at " + std::to_string(off);
           failed = true;
         }
@@ -164,7 +171,8 @@ TEST_CASE("mount mmap: direct writes and mapped reads/writes from two threads on
         if (rng() % 3 == 0) {
           long long d = FirstDiff(m.data() + c * chunk, want.data() + c * chunk, chunk);
           if (d != -1) {
-            mapped_err = "mapped read of chunk " + std::to_string(c) + " differs at +" + std::to_string(d);
+            mapped_err =
+                "mapped read of chunk " + std::to_string(c) + " differs at +" + std::to_string(d);
             failed = true;
           }
           continue;
@@ -248,7 +256,8 @@ TEST_CASE("mount mmap: random mapped and direct ops, punches and zeroing match a
           break;
         }
         case 3: {
-          REQUIRE(m.Sync(off, len) == 0);  // the contract: direct reads see mapped writes after msync
+          REQUIRE(m.Sync(off, len) ==
+                  0);  // the contract: direct reads see mapped writes after msync
           std::vector<char> got(len);
           REQUIRE(PreadAll(f.get(), got.data(), len, off));
           long long d = FirstDiff(got.data(), want.data() + off, len);
@@ -261,7 +270,8 @@ TEST_CASE("mount mmap: random mapped and direct ops, punches and zeroing match a
         case 4:
         case 5: {
           int mode = (op == 4 ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE;
-          REQUIRE(::fallocate(f.get(), mode, static_cast<off_t>(off), static_cast<off_t>(len)) == 0);
+          REQUIRE(::fallocate(f.get(), mode, static_cast<off_t>(off), static_cast<off_t>(len)) ==
+                  0);
           std::memset(want.data() + off, 0, len);
           break;
         }
@@ -319,7 +329,8 @@ TEST_CASE("mount mmap: a mapping stays coherent across a mirror pivot; later map
       }
     };
     scribble(50);
-    r.MustMirror({"start", r.Job(R"({"id": "p", "target": {"path": ")" + dst + R"("}})"), "--wait"});
+    r.MustMirror(
+        {"start", r.Job(R"({"id": "p", "target": {"path": ")" + dst + R"("}})"), "--wait"});
     scribble(50);  // dirty pages, written back after the pivot or before it
     r.MustMirror({"complete", "p"});
     CheckMapped(m, want, 0, size, "right after the pivot");
@@ -359,8 +370,10 @@ TEST_CASE("mount mmap: a direct write is seen by the mapping even while another 
       volatile uint64_t sink = 0;
       while (!stop.load(std::memory_order_relaxed)) {
         uint64_t t = target.load(std::memory_order_relaxed);
-        for (int k = 0; k < 64; k++) sink = sink + static_cast<unsigned char>(m.data()[t * kPage + 100]);
-        for (uint64_t i = 0; i < npages; i++) sink = sink + static_cast<unsigned char>(m.data()[i * kPage + 100]);
+        for (int k = 0; k < 64; k++)
+          sink = sink + static_cast<unsigned char>(m.data()[t * kPage + 100]);
+        for (uint64_t i = 0; i < npages; i++)
+          sink = sink + static_cast<unsigned char>(m.data()[i * kPage + 100]);
       }
     });
     std::string stale;
@@ -377,8 +390,8 @@ TEST_CASE("mount mmap: a direct write is seen by the mapping even while another 
       int got = 0;
       std::memcpy(&got, m.data() + pg * kPage + 100, sizeof(got));
       if (got != i)
-        stale = "write #" + std::to_string(i) + " to page " + std::to_string(pg) + ": the mapping shows #" +
-                std::to_string(got);
+        stale = "write #" + std::to_string(i) + " to page " + std::to_string(pg) +
+                ": the mapping shows #" + std::to_string(got);
     }
     stop = true;
     faulter.join();

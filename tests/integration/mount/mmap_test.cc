@@ -80,8 +80,9 @@ TEST_CASE("mount mmap: MAP_SHARED writes + msync(MS_SYNC) + fsync are durable in
     // clusters (allocating writes from page writeback).
     struct W {
       uint64_t off, len;
-    } ws[] = {{100, 3000}, {64 * KiB - 10, 20}, {3 * MiB + 4095, 200 * KiB}, {4 * MiB - 1000, 9000},
-              {9 * MiB + 77, 1}, {15 * MiB, MiB}};
+    } ws[] = {
+        {100, 3000},       {64 * KiB - 10, 20}, {3 * MiB + 4095, 200 * KiB}, {4 * MiB - 1000, 9000},
+        {9 * MiB + 77, 1}, {15 * MiB, MiB}};
     for (const W& w : ws) {
       std::vector<char> b = RandomBytes(rng, w.len);
       std::memcpy(m.data() + w.off, b.data(), w.len);
@@ -123,8 +124,8 @@ TEST_CASE("mount mmap: direct reads see mapped writes after msync, and a direct 
         std::memcpy(m.data() + off, b.data(), len);
         std::memcpy(want.data() + off, b.data(), len);
         REQUIRE(m.Sync(off, len) == 0);
-        CheckPread(f.get(), want, off & ~(kPage - 1), 4 * kPage <= 8 * MiB - (off & ~(kPage - 1)) ? 4 * kPage : len,
-                   "after msync");
+        CheckPread(f.get(), want, off & ~(kPage - 1),
+                   4 * kPage <= 8 * MiB - (off & ~(kPage - 1)) ? 4 * kPage : len, "after msync");
       }
       CheckPread(f.get(), want, 0, 8 * MiB, "whole file");
     }
@@ -150,8 +151,10 @@ TEST_CASE("mount mmap: direct reads see mapped writes after msync, and a direct 
         free(buf);
         REQUIRE(ok);
         std::memcpy(want.data() + off, b.data(), len);
-        INFO("direct write #" << i << std::string(odirect ? " O_DIRECT" : "") << " [" << off << ", +" << len << ")");
-        CheckMapped(m, want, off & ~(kPage - 1), std::min<uint64_t>(8 * MiB - (off & ~(kPage - 1)), len + 2 * kPage),
+        INFO("direct write #" << i << std::string(odirect ? " O_DIRECT" : "") << " [" << off
+                              << ", +" << len << ")");
+        CheckMapped(m, want, off & ~(kPage - 1),
+                    std::min<uint64_t>(8 * MiB - (off & ~(kPage - 1)), len + 2 * kPage),
                     "after the direct write");
       }
       REQUIRE(m.SyncAll() == 0);

@@ -53,16 +53,17 @@ class Mapping {
 };
 
 // A mapping that must succeed.
-#define REQUIRE_MAPPED(m)                                                          \
-  do {                                                                             \
-    INFO("mmap: " << std::string(strerror((m).err())) << " (MAP_SHARED on a direct-io FUSE file " \
-                  "needs FUSE_DIRECT_IO_ALLOW_MMAP, kernel 6.6+)");                \
-    REQUIRE((m).ok());                                                             \
+#define REQUIRE_MAPPED(m)                                              \
+  do {                                                                 \
+    INFO("mmap: " << std::string(strerror((m).err()))                  \
+                  << " (MAP_SHARED on a direct-io FUSE file "          \
+                     "needs FUSE_DIRECT_IO_ALLOW_MMAP, kernel 6.6+)"); \
+    REQUIRE((m).ok());                                                 \
   } while (0)
 
 // Kernel 6.6 or later (FUSE_DIRECT_IO_ALLOW_MMAP); skips (fails under CI) otherwise.
 inline void RequireMmapKernel() {
-  utsname u {};
+  utsname u{};
   uname(&u);
   int major = 0, minor = 0;
   sscanf(u.release, "%d.%d", &major, &minor);
@@ -95,17 +96,21 @@ inline void WriteRef(const std::string& ref, uint64_t off, const void* buf, size
   REQUIRE(PwriteAll(r.get(), buf, len, off));
 }
 
-inline std::vector<char> ReadAll(const std::string& path, uint64_t len) { return ReadRange(path, 0, len); }
+inline std::vector<char> ReadAll(const std::string& path, uint64_t len) {
+  return ReadRange(path, 0, len);
+}
 
 // The mapping's [off, off+len) equals want[off, off+len).
-inline void CheckMapped(const Mapping& m, const std::vector<char>& want, uint64_t off, uint64_t len, const char* what) {
+inline void CheckMapped(const Mapping& m, const std::vector<char>& want, uint64_t off, uint64_t len,
+                        const char* what) {
   long long d = FirstDiff(m.data() + off, want.data() + off, len);
   INFO(std::string(what) << ": mapping [" << off << ", +" << len << ") first difference at +" << d);
   CHECK(d == -1);
 }
 
 // The file read with pread over [off, off+len) equals want's bytes there.
-inline void CheckPread(int fd, const std::vector<char>& want, uint64_t off, uint64_t len, const char* what) {
+inline void CheckPread(int fd, const std::vector<char>& want, uint64_t off, uint64_t len,
+                       const char* what) {
   std::vector<char> got(len);
   REQUIRE(PreadAll(fd, got.data(), len, off));
   long long d = FirstDiff(got.data(), want.data() + off, len);
@@ -123,7 +128,8 @@ inline uint64_t TouchAll(const Mapping& m) {
 // qemu-img compare -U against the shadow while the image is still mounted (what fsync put on
 // disk, read beside the daemon).
 inline void CheckOnDiskWhileMounted(const std::string& img, const std::string& ref) {
-  std::vector<std::string> argv = {"qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", img, ref};
+  std::vector<std::string> argv = {"qemu-img", "compare", "-U", "-f", "qcow2",
+                                   "-F",       "raw",     img,  ref};
   CmdResult r = RunTimed(argv);
   INFO(Describe(argv, r));
   CHECK(r.exit_code == 0);
