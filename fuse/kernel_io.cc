@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <mutex>
 #include <unordered_set>
@@ -17,8 +18,63 @@
 #define FUSE_USE_VERSION 312
 #include <fuse3/fuse_lowlevel.h>
 
+#include "util/log.h"
+
 namespace qcowfs::fuse {
 namespace {
+
+// --- FUSE_DIRECT_IO_ALLOW_MMAP in the INIT reply ------------------------------
+
+// Protocol 7.39 (kernel 6.6; Debian 12's <linux/fuse.h> is 7.38 and lacks it):
+// FUSE_DIRECT_IO_ALLOW_MMAP is init flag bit 36. Flags 32..63 travel in the
+// 32-bit flags2 field of fuse_init_in / fuse_init_out (bit 36 = flags2 bit 4),
+// and each side reads flags2 only when the other set FUSE_INIT_EXT (bit 30 of
+// flags). With it, the kernel lets a FOPEN_DIRECT_IO file be mmap'ed
+// MAP_SHARED (page cache for the mappings only, kept coherent by the kernel:
+// kernel_io.h). Without it such an mmap fails with ENODEV. libfuse 3.14 has no
+// capability for it.
+constexpr uint32_t kInitExt = 1u << 30;                    // FUSE_INIT_EXT (flags)
+constexpr uint32_t kDirectIoAllowMmap2 = 1u << (36 - 32);  // FUSE_DIRECT_IO_ALLOW_MMAP (flags2)
+
+std::atomic<bool> g_init_pending{false};  // an INIT request is unanswered
+std::atomic<uint64_t> g_init_unique{0};   // its unique id
+std::atomic<bool> g_mmap_offered{false};  // the kernel's INIT offered the flag
+
+void NoteInit(const void* buf, ssize_t n) {
+  const auto* in = static_cast<const fuse_in_header*>(buf);
+  // flags2 exists from 7.36 on (fuse_init_in grew then); a shorter request has none.
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) +
+                               sizeof(uint32_t))) {
+    g_mmap_offered.store(false);
+  } else {
+    fuse_init_in init{};
+    std::memcpy(&init, static_cast<const char*>(buf) + sizeof(fuse_in_header),
+                offsetof(fuse_init_in, flags2) + sizeof(uint32_t));
+    g_mmap_offered.store((init.flags & kInitExt) && (init.flags2 & kDirectIoAllowMmap2));
+  }
+  g_init_unique.store(in->unique, std::memory_order_relaxed);
+  g_init_pending.store(true, std::memory_order_release);
+}
+
+// Sets the flag in a successful INIT reply when the kernel offered it.
+void PatchInitReply(struct iovec* iov, int count) {
+  auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
+  if (!g_init_pending.load(std::memory_order_acquire) ||
+      out->unique != g_init_unique.load(std::memory_order_relaxed))
+    return;
+  g_init_pending.store(false, std::memory_order_relaxed);
+  if (out->error != 0) return;
+  if (!g_mmap_offered.load() || count < 2 ||
+      iov[1].iov_len < offsetof(fuse_init_out, flags2) + sizeof(uint32_t)) {
+    QCOWFS_LOG(Info,
+               "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
+               "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
+    return;
+  }
+  auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);
+  arg->flags |= kInitExt;
+  arg->flags2 |= kDirectIoAllowMmap2;
+}
 
 // --- FOPEN_PARALLEL_DIRECT_WRITES on open replies ---------------------------
 
@@ -32,12 +88,16 @@ std::atomic<int> g_open_pending{0};
 void NoteRequest(const void* buf, ssize_t n) {
   if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return;
   const auto* in = static_cast<const fuse_in_header*>(buf);
+  if (in->opcode == FUSE_INIT) return NoteInit(buf, n);
   if (in->opcode != FUSE_OPEN) return;
   std::lock_guard<std::mutex> l(g_open_mu);
   if (g_open_requests.insert(in->unique).second) g_open_pending.fetch_add(1);
 }
 
 ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
+  if (g_init_pending.load(std::memory_order_relaxed) && count >= 1 &&
+      iov[0].iov_len >= sizeof(fuse_out_header))
+    PatchInitReply(iov, count);
   if (g_open_pending.load(std::memory_order_acquire) > 0 && count >= 1 &&
       iov[0].iov_len >= sizeof(fuse_out_header)) {
     auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
