@@ -58,6 +58,12 @@ Result<bool> DiscardValue(const std::string& v, const std::string& where) {
 
 }  // namespace
 
+Result<bool> ParseCacheMode(const std::string& v, const std::string& where) {
+  if (v == "none") return true;
+  if (v == "writeback") return false;
+  return Status::Invalid(where + ": must be \"none\" or \"writeback\" (got \"" + v + "\")");
+}
+
 std::string DefaultExportName(const std::string& image_path) {
   std::string base = image_path.substr(image_path.rfind('/') == std::string::npos ? 0 : image_path.rfind('/') + 1);
   auto dot = base.rfind('.');
@@ -109,6 +115,9 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
   }
   if (!j.is_object()) return Status::Invalid(file + ": the config must be a JSON object");
   MountConfig cfg;
+  // The top-level "cache" is the default of every image that has no "cache" of its own.
+  bool top_cache_none = false;
+  std::vector<bool> image_sets_cache;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& k = it.key();
     const json& v = it.value();
@@ -126,6 +135,9 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
       ASSIGN_OR_RETURN(cfg.allow_other, BoolValue(v, file, k));
     } else if (k == "socket") {
       ASSIGN_OR_RETURN(cfg.socket, StringValue(v, file, k));
+    } else if (k == "cache") {
+      ASSIGN_OR_RETURN(std::string c, StringValue(v, file, k));
+      ASSIGN_OR_RETURN(top_cache_none, ParseCacheMode(c, file + ": " + k));
     } else if (k == "mirrors") {
       if (!v.is_array()) return KeyError(file, k, "must be an array of mirror jobs");
       for (size_t i = 0; i < v.size(); i++) {
@@ -142,6 +154,7 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
         const json& im = v[i];
         if (!im.is_object()) return KeyError(file, base, "must be an object");
         ImageConfig ic;
+        bool sets_cache = false;
         for (auto jt = im.begin(); jt != im.end(); ++jt) {
           const std::string key = base + "." + jt.key();
           if (jt.key() == "name") {
@@ -159,6 +172,10 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
             ic.discard_unmap = r.value();
           } else if (jt.key() == "cache_size") {
             ASSIGN_OR_RETURN(ic.cache_size, SizeValue(jt.value(), file, key));
+          } else if (jt.key() == "cache") {
+            ASSIGN_OR_RETURN(std::string c, StringValue(jt.value(), file, key));
+            ASSIGN_OR_RETURN(ic.cache_none, ParseCacheMode(c, file + ": " + key));
+            sets_cache = true;
           } else {
             return KeyError(file, key, "unknown key");
           }
@@ -168,12 +185,15 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
         for (const auto& other : cfg.images)
           if (other.name == ic.name) return KeyError(file, base + ".name", "duplicate name \"" + ic.name + "\"");
         cfg.images.push_back(ic);
+        image_sets_cache.push_back(sets_cache);
       }
     } else {
       return KeyError(file, k, "unknown key");
     }
   }
   if (cfg.images.empty()) return KeyError(file, "images", "is required");
+  for (size_t i = 0; i < cfg.images.size(); i++)
+    if (!image_sets_cache[i]) cfg.images[i].cache_none = top_cache_none;
   return cfg;
 }
 
@@ -223,6 +243,10 @@ Status ApplyOptionList(const std::string& list, MountConfig* cfg) {
       auto r = ParseSize(v);
       if (!r.ok()) return Status::Invalid("-o cache_size: " + r.status().message());
       for (auto& im : cfg->images) im.cache_size = r.value();
+    } else if (k == "cache") {
+      auto r = ParseCacheMode(v, "-o cache");
+      if (!r.ok()) return r.status();
+      for (auto& im : cfg->images) im.cache_none = r.value();
     } else if (k == "discard") {
       auto r = DiscardValue(v, "-o discard");
       if (!r.ok()) return r.status();

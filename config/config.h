@@ -18,6 +18,9 @@ struct ImageConfig {
   bool read_only = false;
   bool discard_unmap = true;
   uint64_t cache_size = 32ull << 20;
+  // cache "none": the image, its backing files and its data file with O_DIRECT;
+  // "writeback" (false, the default): through the host page cache.
+  bool cache_none = false;
 };
 
 // Upper bound of poll_us: polling longer than 10 ms only burns CPU.
@@ -40,10 +43,13 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
 Result<MountConfig> LoadMountConfig(const std::string& file);
 
 // Overrides from a comma-separated -o list (ro, rw, allow_other, threads=N, poll_us=N,
-// cache_size=SIZE, discard=unmap|ignore, socket=PATH, read_only, ...). Generic
+// cache_size=SIZE, cache=none|writeback, discard=unmap|ignore, socket=PATH, read_only, ...). Generic
 // mount options that mount(8) passes (dev, suid, exec, atime, _netdev, ...) are
 // accepted and ignored. Unknown names are errors.
 Status ApplyOptionList(const std::string& list, MountConfig* cfg);
+
+// "none" -> true, "writeback" -> false; anything else is an error naming `where`.
+Result<bool> ParseCacheMode(const std::string& v, const std::string& where);
 
 // "disk.qcow2" -> "disk.raw".
 std::string DefaultExportName(const std::string& image_path);

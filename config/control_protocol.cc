@@ -82,6 +82,7 @@ std::string StatusToJson(const StatusReport& r) {
                     {"allocated_bytes", i.allocated_bytes},
                     {"read_only", i.read_only},
                     {"corrupt", i.corrupt},
+                    {"cache_mode", i.cache_mode},
                     {"cache", {{"l2_hits", i.l2_hits}, {"l2_misses", i.l2_misses},
                                {"refblock_hits", i.refblock_hits}, {"refblock_misses", i.refblock_misses}}},
                     {"in_flight", i.in_flight},
@@ -177,6 +178,7 @@ Result<StatusReport> StatusFromJson(const std::string& text) {
       ir.allocated_bytes = i.at("allocated_bytes").get<uint64_t>();
       ir.read_only = i.at("read_only").get<bool>();
       ir.corrupt = i.at("corrupt").get<bool>();
+      ir.cache_mode = i.value("cache_mode", std::string("writeback"));
       ir.l2_hits = i.at("cache").at("l2_hits").get<uint64_t>();
       ir.l2_misses = i.at("cache").at("l2_misses").get<uint64_t>();
       ir.refblock_hits = i.at("cache").at("refblock_hits").get<uint64_t>();
@@ -206,6 +208,7 @@ std::string StatusToText(const StatusReport& r) {
     out += "image " + i.name + " (" + i.path + ")" + (i.read_only ? " read-only" : "") +
            (i.corrupt ? " CORRUPT" : "") + "\n";
     out += "  virtual size: " + FormatSize(i.virtual_size) + "\n";
+    out += "  cache: " + (i.cache_mode == "none" ? std::string("none (O_DIRECT)") : i.cache_mode) + "\n";
     out += "  allocated: " + FormatSize(i.allocated_bytes) + "\n";
     out += "  metadata cache: L2 " + std::to_string(i.l2_hits) + " hits / " + std::to_string(i.l2_misses) +
            " misses, refcount " + std::to_string(i.refblock_hits) + " hits / " +

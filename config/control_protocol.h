@@ -27,6 +27,7 @@ struct ImageReport {
   std::string name, path;
   uint64_t virtual_size = 0, allocated_bytes = 0;
   bool read_only = false, corrupt = false;
+  std::string cache_mode = "writeback";  // "none": O_DIRECT host files
   uint64_t l2_hits = 0, l2_misses = 0, refblock_hits = 0, refblock_misses = 0;
   uint64_t in_flight = 0, reads = 0, writes = 0, discards = 0, flushes = 0;
 };

@@ -273,9 +273,10 @@ int CmdMount(const std::vector<std::string>& args) {
       ("threads,t", po::value<unsigned>(), "FUSE worker threads (default: number of CPUs)")
       ("poll-us", po::value<unsigned>(), "poll the FUSE device this many microseconds before a worker sleeps (default 50, 0: never)")
       ("cache-size", po::value<std::string>(), "qcow2 metadata cache size (default 32M)")
+      ("cache", po::value<std::string>(), "writeback (default): host page cache; none: O_DIRECT on the image, backing and data files")
       ("discard", po::value<std::string>(), "unmap (default): punch frees space; ignore: punch only zeroes")
       ("socket", po::value<std::string>(), "control socket path")
-      ("options,o", po::value<std::vector<std::string>>()->composing(), "comma-separated options (ro, allow_other, threads=N, poll_us=N, cache_size=S, discard=M, socket=P)")
+      ("options,o", po::value<std::vector<std::string>>()->composing(), "comma-separated options (ro, allow_other, threads=N, poll_us=N, cache_size=S, cache=M, discard=M, socket=P)")
       ("foreground,f", "stay in the foreground, log to stderr")
       ("debug,d", "FUSE debug output (implies -f)");
   po::options_description hidden;
@@ -328,6 +329,11 @@ int CmdMount(const std::vector<std::string>& args) {
     auto r = ParseSize(vm["cache-size"].as<std::string>());
     if (!r.ok()) throw UsageError{"--cache-size: " + r.status().message()};
     for (auto& im : cfg.images) im.cache_size = r.value();
+  }
+  if (vm.count("cache")) {
+    auto r = config::ParseCacheMode(vm["cache"].as<std::string>(), "--cache");
+    if (!r.ok()) throw UsageError{r.status().message()};
+    for (auto& im : cfg.images) im.cache_none = r.value();
   }
   if (vm.count("discard")) {
     std::string d = vm["discard"].as<std::string>();

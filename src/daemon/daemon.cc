@@ -40,7 +40,15 @@ struct Mounted {
   std::unique_ptr<mirror::MirrorFilter> filter;
   std::unique_ptr<fuse::Export> exp;
   std::string path;  // absolute image path
+  bool cache_none = false;
 };
+
+// Test hook: QCOWFS_TEST_DIO_ALIGN raises the O_DIRECT alignment (e.g. 4096 on a host
+// with 512-byte sectors) so the tests exercise read-modify-write of 4K host blocks.
+uint32_t TestDirectAlign() {
+  const char* v = getenv("QCOWFS_TEST_DIO_ALIGN");
+  return v ? static_cast<uint32_t>(strtoul(v, nullptr, 10)) : 0;
+}
 
 bool Running(const mirror::MirrorJob& j) {
   auto s = j.state();
@@ -234,6 +242,8 @@ int RunMount(const config::MountConfig& cfg) {
     o.read_only = ic.read_only;
     o.cache_size = ic.cache_size;
     o.discard_unmap = ic.discard_unmap;
+    o.direct_io.enabled = ic.cache_none;
+    if (ic.cache_none) o.direct_io.min_align = TestDirectAlign();
     auto r = qcow2::Qcow2Image::Open(ic.path, o);
     if (!r.ok()) {
       std::fprintf(stderr, "qcowfs: %s\n", r.status().message().c_str());
@@ -243,6 +253,7 @@ int RunMount(const config::MountConfig& cfg) {
     m.image = std::move(r).value();
     m.filter = std::make_unique<mirror::MirrorFilter>(m.image.get());
     m.path = Absolute(ic.path);
+    m.cache_none = ic.cache_none;
     m.exp = std::make_unique<fuse::Export>();
     m.exp->name = ic.name;
     m.exp->image_path = m.path;
@@ -284,6 +295,8 @@ int RunMount(const config::MountConfig& cfg) {
       ir.virtual_size = m.filter->Size();
       ir.allocated_bytes = m.filter->AllocatedBytes();
       ir.read_only = e->read_only;
+      // After a pivot the mount serves the mirror target, opened through the page cache.
+      ir.cache_mode = m.image && m.cache_none ? "none" : "writeback";
       if (m.image) {
         auto st = m.image->Stats();
         ir.corrupt = m.image->corrupt();

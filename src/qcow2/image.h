@@ -43,6 +43,9 @@ struct OpenOptions {
   bool lock = true;                 // QEMU-compatible image locks on host files
   uint64_t cache_size = 32ull << 20;  // bytes for L2 + refcount-block caches
   bool discard_unmap = true;        // punch freed clusters out of the host file
+  // cache=none: the host file, its backing files and its external data file are opened
+  // with O_DIRECT (metadata included); see block::RawFileDevice.
+  block::DirectIo direct_io;
   // Test hook: disables the tracked-request check in the allocator, to show
   // that the discard-during-rewrite test catches the bug. Never set otherwise.
   bool unsafe_ignore_inflight = false;

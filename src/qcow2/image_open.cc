@@ -39,7 +39,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::Open(const std::string& path,
   chain.insert(RealPath(path));
   auto lock = !opts.lock ? block::LockMode::kNone
                          : (opts.read_only ? block::LockMode::kShared : block::LockMode::kExclusive);
-  ASSIGN_OR_RETURN(auto host, block::RawFileDevice::Open(path, opts.read_only, lock));
+  ASSIGN_OR_RETURN(auto host, block::RawFileDevice::Open(path, opts.read_only, lock, opts.direct_io));
   std::unique_ptr<Qcow2Image> img(new Qcow2Image());
   OpenDevices devs;
   devs.host = host.get();
@@ -150,7 +150,7 @@ Status Qcow2Image::Init(const OpenDevices& devs, const OpenOptions& opts, const 
       std::string p = Resolve(dir, header_.data_file);
       auto lock = !opts.lock ? block::LockMode::kNone
                              : (read_only_ ? block::LockMode::kShared : block::LockMode::kExclusive);
-      auto df = block::RawFileDevice::Open(p, read_only_, lock);
+      auto df = block::RawFileDevice::Open(p, read_only_, lock, opts.direct_io);
       if (!df.ok()) return Status::Error(df.status().err(), name_ + ": external data file: " + df.status().message());
       owned_data_ = std::move(df).value();
       data_ = owned_data_.get();
@@ -199,7 +199,7 @@ Status Qcow2Image::OpenBacking(const std::string& dir, std::set<std::string>* ch
   std::string fmt = header_.backing_format;
   auto lock = opts_.lock ? block::LockMode::kShared : block::LockMode::kNone;
   if (fmt.empty()) {
-    auto probe = block::RawFileDevice::Open(p, true, block::LockMode::kNone);
+    auto probe = block::RawFileDevice::Open(p, true, block::LockMode::kNone, opts_.direct_io);
     if (!probe.ok()) return Status::Error(probe.status().err(), name_ + ": backing file: " + probe.status().message());
     uint8_t magic[4] = {};
     RETURN_IF_ERROR(probe.value()->Read(0, magic, 4));
@@ -208,7 +208,7 @@ Status Qcow2Image::OpenBacking(const std::string& dir, std::set<std::string>* ch
   if (fmt == "qcow2") {
     OpenOptions bo = opts_;
     bo.read_only = true;
-    auto host = block::RawFileDevice::Open(p, true, lock);
+    auto host = block::RawFileDevice::Open(p, true, lock, opts_.direct_io);
     if (!host.ok()) return Status::Error(host.status().err(), name_ + ": backing file: " + host.status().message());
     std::unique_ptr<Qcow2Image> img(new Qcow2Image());
     OpenDevices d;
@@ -224,7 +224,7 @@ Status Qcow2Image::OpenBacking(const std::string& dir, std::set<std::string>* ch
     backing_path_ = p;
     owned_backing_ = std::move(img);
   } else if (fmt == "raw") {
-    auto raw = block::RawFileDevice::Open(p, true, lock);
+    auto raw = block::RawFileDevice::Open(p, true, lock, opts_.direct_io);
     if (!raw.ok()) return Status::Error(raw.status().err(), name_ + ": backing file: " + raw.status().message());
     backing_desc_ = p + " (raw)";
     backing_path_ = p;
