@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (what .ci/run and README.md run). From the repository root:
-#   bash tests/run_all.sh             gcc build + ctest, the Debian package (built,
+#   bash tests/run_all.sh             gcc build + ctest (and integ_mount/integ_stress
+#                                     again with --cache none), the Debian package (built,
 #                                     installed, smoke-tested, linted, purged: root
 #                                     only), ASan/UBSan build + ctest, clang-14
 #                                     -Wthread-safety build, TSan concurrency tests,
@@ -97,6 +98,14 @@ build_and_test build yes -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_WERROR=ON \
   -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
 summary+=("gcc RelWithDebInfo + ctest: ok")
 
+step "gcc: the mount and stress tests again with --cache none (O_DIRECT, 4K read-modify-write)"
+# QCOWFS_TEST_CACHE makes every `qcowfs mount` of the tests run with --cache none;
+# QCOWFS_TEST_DIO_ALIGN=4096 makes the daemon treat the host as 4K-sector.
+cache_none_start=$SECONDS
+(cd build && QCOWFS_TEST_CACHE=none QCOWFS_TEST_DIO_ALIGN=4096 \
+  ctest --output-on-failure -j"$JOBS" -R '^integ_(mount|stress)$')
+summary+=("gcc ctest integ_mount + integ_stress with --cache none: ok ($((SECONDS - cache_none_start))s)")
+
 if [[ "$QUICK" != 1 ]]; then
   step "Debian package: build, lintian, install, smoke test, purge (packaging/ci-package.sh)"
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
@@ -123,12 +132,13 @@ if [[ "$QUICK" != 1 ]]; then
   step "gcc: TSan, the concurrency tests (build-tsan/)"
   cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=tsan -DQCOWFS_WERROR=ON \
     -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
-  cmake --build build-tsan -j"$JOBS" --target unit_qcow2 unit_mirror
+  cmake --build build-tsan -j"$JOBS" --target unit_qcow2 unit_mirror unit_block
   # race:* (discard/rewrite races, overlapping allocations, concurrent I/O + flush),
   # inflight:* (the tracked-request table, incl. 4-thread register/release) and the mirror
-  # job's unit tests (copy workers, write-blocking writes, the stale-copy races).
+  # job's unit tests (copy workers, write-blocking writes, the stale-copy races), and the
+  # O_DIRECT device's read-modify-write serialization (direct:*).
   (cd build-tsan/tests && TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" \
-    ./unit_qcow2 -tc='race:*,inflight:*' && ./unit_mirror)
+    ./unit_qcow2 -tc='race:*,inflight:*' && ./unit_mirror && ./unit_block -tc='direct:*')
   summary+=("gcc TSan concurrency tests: ok")
 
   step "clang-14: libFuzzer, ${FUZZ_TIME}s per target (build-fuzz/)"

@@ -119,10 +119,34 @@ inline RunOpts WithTimeout(int ms) {
   return o;
 }
 
+// $QCOWFS_TEST_CACHE (e.g. "none"): every `qcowfs mount` the tests run gets
+// `--cache VALUE`, so the same mount tests run in both cache modes (tests/run_all.sh runs
+// integ_mount and integ_stress again with QCOWFS_TEST_CACHE=none). A command that already
+// names a cache mode is left alone.
+inline std::string TestCacheMode() {
+  const char* env = getenv("QCOWFS_TEST_CACHE");
+  return env != nullptr ? std::string(env) : std::string();
+}
+
+inline std::vector<std::string> WithTestCache(std::vector<std::string> argv) {
+  const std::string mode = TestCacheMode();
+  if (mode.empty()) return argv;
+  auto it = std::find(argv.begin(), argv.end(), "mount");
+  if (it == argv.end() || it == argv.begin()) return argv;
+  const std::string& prog = *(it - 1);
+  if (prog.size() < 6 || prog.compare(prog.size() - 6, 6, "qcowfs") != 0) return argv;
+  for (const auto& a : argv)
+    if (a == "--cache" || a.rfind("--cache=", 0) == 0 || a.find("cache=") != std::string::npos) return argv;
+  argv.insert(it + 1, {"--cache", mode});
+  return argv;
+}
+
 // Runs argv (PATH lookup), stdout/stderr into temporary files (so a daemon that keeps
 // them open cannot block us), waits at most opts.timeout_ms; on timeout kills that child
-// with SIGKILL and returns kTimedOut with a note in err.
-inline CmdResult RunTimed(const std::vector<std::string>& argv, const RunOpts& opts = {}) {
+// with SIGKILL and returns kTimedOut with a note in err. A `qcowfs mount` gets the test
+// cache mode (WithTestCache).
+inline CmdResult RunTimed(const std::vector<std::string>& argv_in, const RunOpts& opts = {}) {
+  const std::vector<std::string> argv = WithTestCache(argv_in);
   CmdResult r{127, "", ""};
   char out_tmpl[] = "/tmp/qcowfs-mt-out.XXXXXX";
   char err_tmpl[] = "/tmp/qcowfs-mt-err.XXXXXX";

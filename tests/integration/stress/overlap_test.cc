@@ -68,7 +68,7 @@ TEST_CASE("stress: a write that would hit the L1 table marks the image corrupt a
     CHECK_MESSAGE(why.empty(), why);
   }
   // The corrupt bit stays: a writable open is refused with a pointer to the repair.
-  auto again = RunCommand({qcowfs::testing::mount::Bin(), "mount", img, mp});
+  auto again = qm::RunTimed({qcowfs::testing::mount::Bin(), "mount", img, mp});
   CHECK(again.exit_code == 1);
   CHECK(qm::Contains(again.err, "corrupt"));
   CHECK(!qm::IsMounted(mp));
