@@ -30,6 +30,9 @@ Options:
   --poll-us N          qcowfs mount --poll-us N (default: qcowfs's own default; 0 turns
                        device polling off, for a before/after comparison)
   --raw-direct         O_DIRECT on the raw copy too (default: buffered, see README)
+  --cache MODE         writeback (default) or none: qcowfs mount --cache none against
+                       qemu-storage-daemon with cache.direct=on on its file blockdev, and
+                       the raw copy with fio --direct=1 (implies --raw-direct)
   --ceiling            add a fourth target, "null": qcowfs's FUSE server over a device that
                        does no I/O (qcowfs-null-export next to the qcowfs binary), the
                        limit of the FUSE transport on this machine
@@ -69,7 +72,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ORIG_ARGS=("$@")
 
 opt_size="" opt_runtime="" opt_repeat="" quick=0
-cluster=64K threads="" poll_us="" raw_direct=0 ceiling=0 do_main=1 do_scale=0
+cluster=64K threads="" poll_us="" raw_direct=0 cache_mode=writeback ceiling=0 do_main=1 do_scale=0
 scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
 do_mirror=0 mirror_rss_size=64T mirror_rss_secs="" mirror_parts=ready,iops,rss mirror_kinds=qcow2,raw,nbd
 qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
@@ -86,6 +89,7 @@ while [[ $# -gt 0 ]]; do
     --threads) need_arg "$@"; threads=$2; shift 2 ;;
     --poll-us) need_arg "$@"; poll_us=$2; shift 2 ;;
     --raw-direct) raw_direct=1; shift ;;
+    --cache) need_arg "$@"; cache_mode=$2; shift 2 ;;
     --ceiling) ceiling=1; shift ;;
     --scale) do_scale=1; shift ;;
     --scale-only) do_scale=1; do_main=0; shift ;;
@@ -104,6 +108,12 @@ while [[ $# -gt 0 ]]; do
     *) echo "run.sh: unknown argument: $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+
+case $cache_mode in
+  writeback) qsd_cache="" ;;
+  none) qsd_cache=",cache.direct=on"; raw_direct=1 ;;
+  *) echo "run.sh: --cache must be writeback or none" >&2; exit 2 ;;
+esac
 
 if [[ $quick == 1 ]]; then
   size=${opt_size:-256M} runtime=${opt_runtime:-2} repeat=${opt_repeat:-1}
@@ -187,7 +197,7 @@ mount_qcowfs() { # IMAGE MOUNTPOINT
   : >"$mp"
   QCOWFS_MP=$mp
   t0=$(now_ns)
-  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" ${threads:+--threads "$threads"} ${poll_us:+--poll-us "$poll_us"} "$img" "$mp" ||
+  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" --cache "$cache_mode" ${threads:+--threads "$threads"} ${poll_us:+--poll-us "$poll_us"} "$img" "$mp" ||
     die "qcowfs mount $img failed"
   t1=$(now_ns)
   LAST_MS=$(( (t1 - t0) / 1000000 ))
@@ -220,7 +230,7 @@ mount_qsd() { # IMAGE MOUNTPOINT
   t0=$(now_ns)
   # --daemonize: the parent exits once the export is live, like `qcowfs mount`.
   qemu-storage-daemon --daemonize --pidfile "$QSD_PIDFILE" \
-    --blockdev "driver=file,node-name=file0,filename=$img,aio=threads" \
+    --blockdev "driver=file,node-name=file0,filename=$img,aio=threads$qsd_cache" \
     --blockdev "driver=qcow2,node-name=fmt0,file=file0,discard=unmap" \
     --export "type=fuse,id=exp0,node-name=fmt0,mountpoint=$mp,writable=on" \
     2>>"$WORK/qsd.log" || { cat "$WORK/qsd.log" >&2; die "qemu-storage-daemon failed on $1"; }
@@ -368,7 +378,8 @@ for w in "${WORKLOADS[@]}"; do selected "${w%%|*}" && any_rewrite=1; done
 # All workloads in run order: the pre-filled-image ones, then first-touch (fresh image).
 ALL_WORKLOADS=("${WORKLOADS[@]}" "$FIRST_TOUCH")
 
-warm() { cat "$1" >/dev/null; } # the daemons read their image through the page cache
+# the daemons read their image through the page cache (not with --cache none)
+warm() { [[ $cache_mode == none ]] || cat "$1" >/dev/null; }
 
 # run_one TARGET WORKLOAD REP: one fio job on one target. The daemons are mounted for this job
 # alone and the image is checked right after, so the three targets of a workload run within a
@@ -500,7 +511,7 @@ start_qsd_qmp() { # IMAGE
   local img=${1//,/,,}
   rm -f "$QSD_PIDFILE" "$QMP_SOCK"
   qemu-storage-daemon --daemonize --pidfile "$QSD_PIDFILE" \
-    --blockdev "driver=file,node-name=srcfile,filename=$img,aio=threads" \
+    --blockdev "driver=file,node-name=srcfile,filename=$img,aio=threads$qsd_cache" \
     --blockdev "driver=qcow2,node-name=src,file=srcfile" \
     --chardev "socket,id=qmp0,path=$QMP_SOCK,server=on,wait=off" --monitor chardev=qmp0 \
     2>>"$WORK/qsd.log" || { cat "$WORK/qsd.log" >&2; die "qemu-storage-daemon failed on $1"; }
@@ -810,7 +821,7 @@ cat <<EOF
 
 - command: \`bench/run.sh ${ORIG_ARGS[*]}\`
 - machine: $(nproc) vCPU, ${cpu:-unknown CPU}, $(awk '/^MemTotal/ {printf "%.0f GiB RAM", $2/1048576}' /proc/meminfo), kernel $(uname -r)
-- $qemu_ver; $(fio --version); qcowfs $git_rev, binary built $(date -r "$qcowfs_bin" '+%F %T') (threads: $qcowfs_threads)
+- $qemu_ver; $(fio --version); qcowfs $git_rev, binary built $(date -r "$qcowfs_bin" '+%F %T') (threads: $qcowfs_threads); cache mode: $cache_mode$( [[ $cache_mode == none ]] && echo " (qcowfs --cache none, qemu-storage-daemon cache.direct=on, raw fio --direct=1)" )
 - $( [[ $do_main == 1 ]] && echo "image: $size, cluster $cluster; fio psync iodepth 1 per job, runtime ${runtime}s; raw copy $( [[ $raw_direct == 1 ]] && echo "O_DIRECT" || echo "buffered (page cache, like the daemons' own image I/O)"); " )medians of $repeat run(s)$( [[ $do_scale == 1 ]] && echo "; scale: cluster $cluster, $scale_writes random 4k writes (fixed seed) over each image" )
 $( [[ $do_mirror == 1 ]] && echo "- mirror: source $size qcow2 (cluster $cluster): 1M of random data every 4M, 1M zero-flagged every 8M, the rest unallocated; job defaults (granularity = cluster size, buf_size 16M); IOPS: fio 4k randwrite, 4 jobs, ${runtime}s; RSS: $mirror_rss_size sparse source, 64 writes of 64k, sampled every 20 ms for up to ${mirror_rss_secs}s" )
 - load average (1, 5, 15 min) at the start: $LOAD_START, at the end: $LOAD_END
