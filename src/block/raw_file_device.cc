@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace qcowfs::block {
@@ -81,6 +82,34 @@ class AlignedBuf {
 
  private:
   void* p_ = nullptr;
+};
+
+// A bounce buffer for one direct-mode step: a per-thread buffer reused while requests
+// are small (no allocation per FUSE request, whose payload is never aligned), a fresh one
+// for big steps (so idle threads keep at most kCachedBounce each).
+constexpr size_t kCachedBounce = 256 << 10;
+
+class Bounce {
+ public:
+  Bounce(size_t len, size_t align) {
+    thread_local std::unique_ptr<AlignedBuf> cached;
+    thread_local size_t cached_align = 0;
+    if (len <= kCachedBounce) {
+      if (!cached || !cached->get() || cached_align < align) {
+        cached = std::make_unique<AlignedBuf>(kCachedBounce, align);
+        cached_align = align;
+      }
+      p_ = cached->get();
+    } else {
+      own_ = std::make_unique<AlignedBuf>(len, align);
+      p_ = own_->get();
+    }
+  }
+  uint8_t* get() const { return p_; }
+
+ private:
+  std::unique_ptr<AlignedBuf> own_;
+  uint8_t* p_ = nullptr;
 };
 
 std::string DirectRefused(const std::string& path) {
@@ -185,7 +214,7 @@ Status RawFileDevice::DirectRead(uint64_t offset, void* buf, size_t len) {
     const uint64_t a = AlignDown(offset);
     const uint64_t piece_end = std::min<uint64_t>(offset + len, a + std::max<uint64_t>(kBounceMax, align_));
     const uint64_t b = AlignUp(piece_end);
-    AlignedBuf bb(b - a, std::max<uint32_t>(mem_align_, 4096));
+    Bounce bb(b - a, std::max<uint32_t>(mem_align_, 4096));
     if (!bb.get()) return Status::Error(ENOMEM, path_ + ": out of memory for a bounce buffer");
     RETURN_IF_ERROR(DirectPread(bb.get(), b - a, a));
     const uint64_t n = piece_end - offset;
@@ -212,7 +241,7 @@ Status RawFileDevice::DirectWrite(uint64_t offset, const void* buf, size_t len) 
     const uint64_t piece_end = std::min<uint64_t>(offset + len, a + std::max<uint64_t>(kBounceMax, align_));
     const uint64_t b = AlignUp(piece_end);
     const bool head = offset != a, tail = piece_end != b;
-    AlignedBuf bb(b - a, std::max<uint32_t>(mem_align_, 4096));
+    Bounce bb(b - a, std::max<uint32_t>(mem_align_, 4096));
     if (!bb.get()) return Status::Error(ENOMEM, path_ + ": out of memory for a bounce buffer");
     {
       BlockRangeLock::Guard g(range_lock(), a, b, head || tail);
