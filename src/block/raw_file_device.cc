@@ -146,7 +146,7 @@ Status RawFileDevice::SetUpDirect(const DirectIo& dio) {
       stx.stx_dio_offset_align != 0) {
     off_align = stx.stx_dio_offset_align;
     mem_align = stx.stx_dio_mem_align;
-  } else if (S_ISBLK(stx.stx_mode)) {
+  } else if (struct stat st {}; fstat(fd, &st) == 0 && S_ISBLK(st.st_mode)) {
     int ss = 0;
     if (ioctl(fd, BLKSSZGET, &ss) == 0 && ss > 0) off_align = static_cast<uint32_t>(ss);
   }
