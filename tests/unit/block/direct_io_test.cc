@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "block/raw_file_device.h"
+#include "support/process.h"
 #include "support/temp_dir.h"
 
 namespace qcowfs::block {
@@ -310,6 +311,41 @@ TEST_CASE("direct: a filesystem without O_DIRECT is refused by name") {
   CHECK(r.status().message().find('\n') == std::string::npos);
   CHECK(RawFileDevice::Open(path, false, LockMode::kNone).ok());  // writeback still works
   umount2(mnt.c_str(), MNT_DETACH);
+}
+
+// A block device with 4K logical sectors (a loop device): the alignment is 4096 (statx
+// STATX_DIOALIGN, or BLKSSZGET where the kernel does not report it for block devices).
+TEST_CASE("direct: a 4K-sector block device gets 4K alignment and RMW") {
+  if (!qcowfs::testing::HaveTool("losetup")) {
+    MESSAGE("no losetup; skipped");
+    return;
+  }
+  TempDir dir;
+  const std::string backing = dir.File("loop.img");
+  int fd = open(backing.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  REQUIRE(fd >= 0);
+  REQUIRE(ftruncate(fd, 4 << 20) == 0);
+  close(fd);
+  auto r = qcowfs::testing::RunCommand({"losetup", "--find", "--show", "--sector-size", "4096", backing});
+  if (r.exit_code != 0) {
+    MESSAGE("cannot set up a loop device (" << r.err << "); skipped");
+    return;
+  }
+  std::string loop = r.out.substr(0, r.out.find('\n'));
+  struct Detach {
+    std::string dev;
+    ~Detach() { (void)qcowfs::testing::RunCommand({"losetup", "-d", dev}); }
+  } detach{loop};
+  DirectIo dio;
+  dio.enabled = true;
+  auto dev = RawFileDevice::Open(loop, false, LockMode::kNone, dio);
+  REQUIRE_MESSAGE(dev.ok(), dev.status().ToString());
+  CHECK(dev.value()->align() == 4096);
+  std::vector<uint8_t> piece(700, 0x3c), back(8192, 0xee);
+  REQUIRE(dev.value()->Write(4096 + 1000, piece.data(), piece.size()).ok());
+  REQUIRE(dev.value()->Flush().ok());
+  REQUIRE(dev.value()->Read(4096, back.data(), back.size()).ok());
+  for (size_t i = 0; i < back.size(); i++) REQUIRE(back[i] == ((i >= 1000 && i < 1700) ? 0x3c : 0));
 }
 
 }  // namespace
