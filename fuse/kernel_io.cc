@@ -8,7 +8,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -17,8 +19,81 @@
 #define FUSE_USE_VERSION 312
 #include <fuse3/fuse_lowlevel.h>
 
+#include "fuse/uring_abi.h"
+
 namespace qcowfs::fuse {
 namespace {
+
+// --- FUSE over io_uring: INIT negotiation and ring replies ---------------------
+
+thread_local RingReply* t_ring_reply = nullptr;
+
+std::atomic<const InitHook*> g_init_hook{nullptr};
+// The INIT request seen (unique and the flags it offers, flags2 shifted in); its reply
+// is patched once (g_init_pending).
+std::atomic<bool> g_init_pending{false};
+uint64_t g_init_unique = 0;
+uint64_t g_init_offered = 0;
+
+void NoteInit(const void* buf, ssize_t n) {
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + offsetof(fuse_init_in, flags) + 4)) return;
+  const auto* in = static_cast<const fuse_in_header*>(buf);
+  fuse_init_in arg{};
+  std::memcpy(&arg, static_cast<const char*>(buf) + sizeof(fuse_in_header),
+              std::min(sizeof(arg), static_cast<size_t>(n) - sizeof(fuse_in_header)));
+  uint64_t flags = arg.flags;
+  if ((arg.flags & uring::kFuseInitExt) &&
+      static_cast<size_t>(n) >= sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) + 4)
+    flags |= static_cast<uint64_t>(arg.flags2) << 32;
+  g_init_unique = in->unique;
+  g_init_offered = flags;
+  g_init_pending.store(true, std::memory_order_release);
+}
+
+// Copies a reply into the thread's ring entry. Returns the bytes "written".
+ssize_t RingWritev(RingReply* r, struct iovec* iov, int count) {
+  size_t total = 0, len = 0;
+  for (int i = 0; i < count; i++) len += iov[i].iov_len;
+  auto* out = static_cast<fuse_out_header*>(r->out_header);
+  std::memcpy(out, iov[0].iov_base, sizeof(fuse_out_header));
+  for (int i = 1; i < count; i++) {
+    if (total + iov[i].iov_len > r->payload_cap) {  // cannot happen: payload >= max_read
+      out->error = -EIO;
+      total = 0;
+      break;
+    }
+    std::memcpy(r->payload + total, iov[i].iov_base, iov[i].iov_len);
+    total += iov[i].iov_len;
+  }
+  r->payload_len = static_cast<uint32_t>(total);
+  r->replied = true;
+  return static_cast<ssize_t>(len);
+}
+
+// Patches the INIT reply (FUSE_OVER_IO_URING if offered and wanted) and writes it.
+ssize_t InitWritev(int fd, struct iovec* iov, int count) {
+  const InitHook* hook = g_init_hook.load(std::memory_order_acquire);
+  bool offered = (g_init_offered & uring::kFuseOverIoUring) != 0;
+  bool taken = false;
+  size_t payload = 0;
+  auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
+  if (out->error == 0 && count >= 2 && iov[1].iov_len >= offsetof(fuse_init_out, flags2) + 4) {
+    auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);
+    if (hook && offered && (g_init_offered & uring::kFuseInitExt) && hook->want(hook->ctx)) {
+      arg->flags |= uring::kFuseInitExt;
+      arg->flags2 |= static_cast<uint32_t>(uring::kFuseOverIoUring >> 32);
+      taken = true;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    payload = std::max<size_t>({8192, arg->max_write,
+                                static_cast<size_t>(arg->max_pages) * static_cast<size_t>(page > 0 ? page : 4096)});
+  }
+  ssize_t n = ::writev(fd, iov, count);
+  int saved = errno;
+  if (hook) hook->done(hook->ctx, n >= 0 && out->error == 0, offered, taken && n >= 0, payload);
+  errno = saved;
+  return n;
+}
 
 // --- FOPEN_PARALLEL_DIRECT_WRITES on open replies ---------------------------
 
@@ -32,12 +107,20 @@ std::atomic<int> g_open_pending{0};
 void NoteRequest(const void* buf, ssize_t n) {
   if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return;
   const auto* in = static_cast<const fuse_in_header*>(buf);
+  if (in->opcode == FUSE_INIT) return NoteInit(buf, n);
   if (in->opcode != FUSE_OPEN) return;
   std::lock_guard<std::mutex> l(g_open_mu);
   if (g_open_requests.insert(in->unique).second) g_open_pending.fetch_add(1);
 }
 
 ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
+  if (RingReply* r = t_ring_reply; r && count >= 1 && iov[0].iov_len >= sizeof(fuse_out_header) &&
+                                   static_cast<fuse_out_header*>(iov[0].iov_base)->unique == r->unique && !r->replied)
+    return RingWritev(r, iov, count);
+  if (g_init_pending.load(std::memory_order_acquire) && count >= 1 && iov[0].iov_len >= sizeof(fuse_out_header) &&
+      static_cast<fuse_out_header*>(iov[0].iov_base)->unique == g_init_unique &&
+      g_init_pending.exchange(false, std::memory_order_acq_rel))
+    return InitWritev(fd, iov, count);
   if (g_open_pending.load(std::memory_order_acquire) > 0 && count >= 1 &&
       iov[0].iov_len >= sizeof(fuse_out_header)) {
     auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
@@ -280,6 +363,10 @@ bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
   static const fuse_custom_io io = {Writev, ReadRequest, nullptr, nullptr};
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
 }
+
+void SetThreadRingReply(RingReply* r) { t_ring_reply = r; }
+
+void SetInitHook(const InitHook* hook) { g_init_hook.store(hook, std::memory_order_release); }
 
 void ReleaseParkedWorkers() {
   while (g_poller.parked.load(std::memory_order_acquire) > 0) WakeOneParked();
