@@ -57,24 +57,6 @@ Status FuseServer::Mount() {
   mounted_ = true;
   if (!InstallKernelIo(se_, opts_.poll_us))
     QCOWFS_LOG(Warn, "%s: parallel direct writes unavailable", opts_.mountpoint.c_str());
-  if (opts_.transport != Transport::kLegacy) {
-    std::string why = RingUnavailableReason();
-    if (why.empty()) {
-      ring_ = std::make_unique<FuseRing>(se_, opts_.ring_threads_per_queue, opts_.transport == Transport::kRing);
-      if (Status s = ring_->Prepare(); !s.ok()) {
-        ring_.reset();
-        why = s.message();
-      }
-    }
-    if (!why.empty()) {
-      if (opts_.transport == Transport::kRing) {
-        fuse_session_unmount(se_);
-        mounted_ = false;
-        return Status::NotSupported("transport ring: " + why);
-      }
-      QCOWFS_LOG(Info, "FUSE over io_uring not used: %s; serving through /dev/fuse", why.c_str());
-    }
-  }
   return Status::Ok();
 }
 
@@ -84,7 +66,30 @@ void FuseServer::Daemonize() {
   fuse_daemonize(0);
 }
 
+// The ring threads start here, not in Mount(): Daemonize() forks, and only the forking
+// thread lives on in the child. The kernel's INIT waits in /dev/fuse until the loop runs.
+Status FuseServer::StartRing() {
+  if (opts_.transport == Transport::kLegacy) return Status::Ok();
+  std::string why = RingUnavailableReason();
+  if (why.empty()) {
+    ring_ = std::make_unique<FuseRing>(se_, opts_.ring_threads_per_queue, opts_.transport == Transport::kRing);
+    if (Status s = ring_->Prepare(); !s.ok()) {
+      ring_.reset();
+      why = s.message();
+    }
+  }
+  if (why.empty()) return Status::Ok();
+  if (opts_.transport == Transport::kRing) return Status::NotSupported("transport ring: " + why);
+  QCOWFS_LOG(Info, "FUSE over io_uring not used: %s; serving through /dev/fuse", why.c_str());
+  return Status::Ok();
+}
+
 Status FuseServer::Run() {
+  if (Status s = StartRing(); !s.ok()) {
+    fuse_session_unmount(se_);
+    mounted_ = false;
+    return s;
+  }
   if (fuse_set_signal_handlers(se_) != 0) return Status::IoError("could not install signal handlers");
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(cfg, threads_);

@@ -71,6 +71,8 @@ class FuseServer {
   const struct stat& mountpoint_stat() const { return mountpoint_st_; }
 
  private:
+  Status StartRing();
+
   ServerOptions opts_;
   std::vector<Export*> exports_;
   bool file_mode_ = false;
