@@ -58,7 +58,8 @@ std::vector<pid_t> Holders(const std::string& path) {
 // is still running when the guard goes.
 class Child {
  public:
-  Child(const std::vector<std::string>& argv, const std::string& log) {
+  Child(const std::vector<std::string>& argv_in, const std::string& log) {
+    const std::vector<std::string> argv = WithTestTransport(argv_in);
     std::vector<char*> cargv;
     for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
     cargv.push_back(nullptr);
