@@ -17,6 +17,7 @@ FuseServer::FuseServer(ServerOptions opts, std::vector<Export*> exports)
     : opts_(std::move(opts)), exports_(std::move(exports)) {}
 
 FuseServer::~FuseServer() {
+  ring_view_.store(nullptr, std::memory_order_release);
   ring_.reset();
   if (se_) {
     if (mounted_) fuse_session_unmount(se_);
@@ -78,7 +79,10 @@ Status FuseServer::StartRing() {
       why = s.message();
     }
   }
-  if (why.empty()) return Status::Ok();
+  if (why.empty()) {
+    ring_view_.store(ring_.get(), std::memory_order_release);
+    return Status::Ok();
+  }
   if (opts_.transport == Transport::kRing) return Status::NotSupported("transport ring: " + why);
   QCOWFS_LOG(Info, "FUSE over io_uring not used: %s; serving through /dev/fuse", why.c_str());
   return Status::Ok();

@@ -65,7 +65,11 @@ class FuseServer {
   unsigned threads() const { return threads_; }
   // The transport requests come through: "ring" (FUSE over io_uring, every queue
   // registered) or "legacy" (/dev/fuse only).
-  const char* transport() const { return ring_ && ring_->active() ? "ring" : "legacy"; }
+  // Safe from any thread (the control socket's status).
+  const char* transport() const {
+    FuseRing* r = ring_view_.load(std::memory_order_acquire);
+    return r && r->active() ? "ring" : "legacy";
+  }
   // The mountpoint's attributes from before the mount (stat on it after the
   // mount would ask this very filesystem and deadlock).
   const struct stat& mountpoint_stat() const { return mountpoint_st_; }
@@ -78,7 +82,8 @@ class FuseServer {
   bool file_mode_ = false;
   unsigned threads_ = 1;
   fuse_session* se_ = nullptr;
-  std::unique_ptr<FuseRing> ring_;
+  std::unique_ptr<FuseRing> ring_;              // Run()'s thread only
+  std::atomic<FuseRing*> ring_view_{nullptr};  // ring_ for transport(), from any thread
   bool mounted_ = false;
   struct stat mountpoint_st_ {};
 };
