@@ -364,6 +364,8 @@ bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
 }
 
+ssize_t WriteReply(int fd, struct iovec* iov, int count, void* userdata) { return Writev(fd, iov, count, userdata); }
+
 void SetThreadRingReply(RingReply* r) { t_ring_reply = r; }
 
 void SetInitHook(const InitHook* hook) { g_init_hook.store(hook, std::memory_order_release); }

@@ -33,6 +33,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -51,6 +52,9 @@ void ReleaseParkedWorkers();
 // into buf, or -1 with errno. Never fails with EAGAIN (libfuse's worker loop retries only
 // EINTR and takes any other error for the end of the session) or ENOENT.
 ssize_t ReadRequest(int fd, void* buf, size_t len, void* userdata);
+
+// The reply (writev) hook libfuse calls (exposed for tests).
+ssize_t WriteReply(int fd, struct iovec* iov, int count, void* userdata);
 
 // Where the reply to the request a ring thread is handling goes. Set (per thread) around
 // fuse_session_process_buf(); the reply with this unique is copied into the entry: the
