@@ -62,7 +62,8 @@ ssize_t RingWritev(RingReply* r, struct iovec* iov, int count) {
       total = 0;
       break;
     }
-    std::memcpy(r->payload + total, iov[i].iov_base, iov[i].iov_len);
+    if (iov[i].iov_base != r->payload + total)  // not built in place (ThreadRingPayload)
+      std::memmove(r->payload + total, iov[i].iov_base, iov[i].iov_len);
     total += iov[i].iov_len;
   }
   r->payload_len = static_cast<uint32_t>(total);
@@ -367,6 +368,11 @@ bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
 ssize_t WriteReply(int fd, struct iovec* iov, int count, void* userdata) { return Writev(fd, iov, count, userdata); }
 
 void SetThreadRingReply(RingReply* r) { t_ring_reply = r; }
+
+uint8_t* ThreadRingPayload(size_t len) {
+  RingReply* r = t_ring_reply;
+  return r && !r->replied && len <= r->payload_cap ? r->payload : nullptr;
+}
 
 void SetInitHook(const InitHook* hook) { g_init_hook.store(hook, std::memory_order_release); }
 

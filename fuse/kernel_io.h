@@ -68,6 +68,10 @@ struct RingReply {
   bool replied = false;      // set with the reply
 };
 void SetThreadRingReply(RingReply* r);
+// In a ring thread handling a request: its entry's payload buffer (page-aligned), if it
+// holds len bytes, for a handler to build its reply in place (the reply's copy into the
+// entry is then skipped). Else nullptr.
+uint8_t* ThreadRingPayload(size_t len);
 
 // The INIT negotiation of the ring transport (process-wide; nullptr: none).
 struct InitHook {

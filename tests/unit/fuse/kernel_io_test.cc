@@ -131,6 +131,30 @@ TEST_CASE("kernel_io: a ring thread's reply goes into its ring entry, any other 
   close(p[1]);
 }
 
+TEST_CASE("kernel_io: a reply built in the ring entry's payload (ThreadRingPayload) is not copied") {
+  CHECK(ThreadRingPayload(1) == nullptr);  // not in a ring thread
+  fuse_out_header entry_out{};
+  std::vector<uint8_t> payload(4096, 0);
+  RingReply r;
+  r.unique = 9;
+  r.out_header = &entry_out;
+  r.payload = payload.data();
+  r.payload_cap = payload.size();
+  SetThreadRingReply(&r);
+  CHECK(ThreadRingPayload(8192) == nullptr);  // too large
+  uint8_t* buf = ThreadRingPayload(4096);
+  REQUIRE(buf == payload.data());
+  std::memset(buf, 0x33, 4096);
+  fuse_out_header oh{};
+  oh.unique = 9;
+  iovec iov[2] = {{&oh, sizeof(oh)}, {buf, 4096}};
+  CHECK(WriteReply(-1, iov, 2, nullptr) == static_cast<ssize_t>(sizeof(oh) + 4096));
+  CHECK(r.payload_len == 4096);
+  CHECK(payload[4095] == 0x33);
+  CHECK(ThreadRingPayload(1) == nullptr);  // replied
+  SetThreadRingReply(nullptr);
+}
+
 struct HookLog {
   bool want = true;
   int calls = 0;
