@@ -39,7 +39,7 @@ Status FuseServer::Mount() {
   }
   if (opts_.transport == Transport::kRing) {
     // Checked before mounting, so a mount that cannot have the ring fails at once.
-    std::string why = RingUnavailableReason();
+    std::string why = RingUnavailableReason(/*probe_io_uring=*/true);
     if (!why.empty()) return Status::NotSupported("transport ring: " + why);
   }
   threads_ = opts_.threads ? opts_.threads : std::max(1u, std::thread::hardware_concurrency());

@@ -89,11 +89,17 @@ bool ParseTransport(std::string_view s, Transport* t) {
   return true;
 }
 
-std::string RingUnavailableReason() {
+std::string RingUnavailableReason(bool probe_io_uring) {
   bool exists = false;
   std::string v = FirstLine(kParam, &exists);
   if (!exists) return "this kernel has no FUSE over io_uring (needs Linux 6.14+ with CONFIG_FUSE_IO_URING)";
   if (v != "Y" && v != "1") return std::string("FUSE over io_uring is off (") + kParam + " is " + v + "; as root: echo Y > " + kParam + ")";
+  if (probe_io_uring) {
+    io_uring ring;
+    int rc = io_uring_queue_init(2, &ring, IORING_SETUP_SQE128);
+    if (rc < 0) return std::string("io_uring with 128-byte SQEs: ") + std::strerror(-rc);
+    io_uring_queue_exit(&ring);
+  }
   return "";
 }
 

@@ -42,8 +42,10 @@ const char* TransportName(Transport t);
 // "auto", "legacy" or "ring".
 bool ParseTransport(std::string_view s, Transport* t);
 
-// Empty if this kernel offers FUSE over io_uring now, else why not (one line).
-std::string RingUnavailableReason();
+// Empty if this kernel offers FUSE over io_uring now, else why not (one line). With
+// probe_io_uring, also sets up (and closes) an io_uring with 128-byte SQEs, which
+// io_uring_disabled or a seccomp filter can refuse.
+std::string RingUnavailableReason(bool probe_io_uring = false);
 
 // The number of FUSE ring queues the kernel expects: the possible CPUs.
 unsigned PossibleCpus();
