@@ -50,6 +50,10 @@ Options:
                        through the mount during a background and a write-blocking job; the
                        daemon's RSS during a job on a sparse source of --mirror-rss-size
   --mirror-only        run only the mirror section
+  --mirror-parts LIST  comma-separated subset of the mirror section: ready (time to ready),
+                       iops (guest IOPS under a job), rss (RSS on a sparse source);
+                       default ready,iops,rss
+  --mirror-kinds LIST  targets of the time-to-ready part: qcow2,raw,nbd (default: all)
   --mirror-rss-size S  virtual size of the sparse source for the RSS part (default 64T)
   --mirror-rss-secs N  seconds of RSS sampling per job that is not ready sooner (default 20)
   --workdir DIR        parent of the scratch directory (default /var/tmp); the scratch
@@ -73,7 +77,7 @@ ORIG_ARGS=("$@")
 opt_size="" opt_runtime="" opt_repeat="" quick=0
 cluster=64K threads="" poll_us="" transports="" TRANSPORT="" raw_direct=0 ceiling=0 do_main=1 do_scale=0
 scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
-do_mirror=0 mirror_rss_size=64T mirror_rss_secs=""
+do_mirror=0 mirror_rss_size=64T mirror_rss_secs="" mirror_parts=ready,iops,rss mirror_kinds=qcow2,raw,nbd
 qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
 
 need_arg() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value" >&2; usage >&2; exit 2; }; }
@@ -96,6 +100,8 @@ while [[ $# -gt 0 ]]; do
     --scale-writes) need_arg "$@"; scale_writes=$2; shift 2 ;;
     --mirror) do_mirror=1; shift ;;
     --mirror-only) do_mirror=1; do_main=0; do_scale=0; shift ;;
+    --mirror-parts) need_arg "$@"; mirror_parts=$2; shift 2 ;;
+    --mirror-kinds) need_arg "$@"; mirror_kinds=$2; shift 2 ;;
     --mirror-rss-size) need_arg "$@"; mirror_rss_size=$2; shift 2 ;;
     --mirror-rss-secs) need_arg "$@"; mirror_rss_secs=$2; shift 2 ;;
     --workdir) need_arg "$@"; workdir_parent=$2; shift 2 ;;
@@ -115,6 +121,8 @@ else
 fi
 [[ $mirror_rss_secs =~ ^[1-9][0-9]*$ ]] || die "--mirror-rss-secs must be a positive integer"
 numfmt --from=iec "$mirror_rss_size" >/dev/null 2>&1 || die "bad --mirror-rss-size: $mirror_rss_size"
+[[ ,$mirror_parts, =~ ^(,(ready|iops|rss))+,$ ]] || die "bad --mirror-parts: $mirror_parts (a list of ready, iops, rss)"
+[[ ,$mirror_kinds, =~ ^(,(qcow2|raw|nbd))+,$ ]] || die "bad --mirror-kinds: $mirror_kinds (a list of qcow2, raw, nbd)"
 [[ $runtime =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer"
 [[ $repeat =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive integer"
 [[ $scale_writes =~ ^[1-9][0-9]*$ ]] || die "--scale-writes must be a positive integer"
@@ -722,10 +730,12 @@ mirror_rss_one() { # TOOL KIND REP
 }
 
 run_mirror() {
-  local rep i tools=(qcowfs qemu convert) kinds=(qcow2 raw nbd) modes=(none background write-blocking write-blocking-ready)
-  log "mirror: source $size ($size_bytes bytes), cluster $cluster"
+  local rep i tools=(qcowfs qemu convert) kinds modes=(none background write-blocking write-blocking-ready)
+  IFS=, read -r -a kinds <<<"$mirror_kinds"
+  log "mirror: source $size ($size_bytes bytes), cluster $cluster; parts $mirror_parts"
   make_mirror_source "$WORK/msrc.qcow2"
   for (( rep = 1; rep <= repeat; rep++ )); do
+    [[ ,$mirror_parts, == *,ready,* ]] || break
     log "mirror time to ready, run $rep/$repeat"
     for kind in "${kinds[@]}"; do
       for (( i = 0; i < ${#tools[@]}; i++ )); do
@@ -734,12 +744,14 @@ run_mirror() {
     done
   done
   for (( rep = 1; rep <= repeat; rep++ )); do
+    [[ ,$mirror_parts, == *,iops,* ]] || break
     log "mirror IOPS under a job, run $rep/$repeat"
     for (( i = 0; i < ${#modes[@]}; i++ )); do
       mirror_iops_one "${modes[$(( (i + rep - 1) % ${#modes[@]} ))]}" "$rep"
     done
   done
   for (( rep = 1; rep <= repeat; rep++ )); do
+    [[ ,$mirror_parts, == *,rss,* ]] || break
     log "mirror RSS on a $mirror_rss_size source, run $rep/$repeat"
     for kind in qcow2 nbd; do
       for tool in qcowfs qemu; do mirror_rss_one "$tool" "$kind" "$rep"; done
@@ -877,8 +889,8 @@ elif main:
     ceiling = any(t["null"] for t in main.values())
     print("### fio (medians)\n")
     if ceiling:
-        print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw | null (no I/O) | null/qsd | qcowfs/null |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw | null (no I/O) | null/qsd | qcowfs/null | limit 1/(1/null+1/raw) | **qcowfs/limit** |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     else:
         print("| workload | unit | raw | qsd | qcowfs | qcowfs/qsd | qcowfs/raw |")
         print("|---|---|---:|---:|---:|---:|---:|")
@@ -887,7 +899,8 @@ elif main:
         line = "| %s | %s | %s | %s | %s | **%s** | %s |" % (
             name, unit, fmt(r, unit), fmt(q, unit), fmt(c, unit), ratio(c, q), ratio(c, r))
         if ceiling:
-            line += " %s | %s | %s |" % (fmt(n, unit), ratio(n, q), ratio(c, n))
+            lim = 1.0 / (1.0 / n + 1.0 / r) if n and r else None
+            line += " %s | %s | %s | %s | **%s** |" % (fmt(n, unit), ratio(n, q), ratio(c, n), fmt(lim, unit), ratio(c, lim))
         print(line)
     keys = ("raw", "qsd", "qcowfs", "null") if ceiling else ("raw", "qsd", "qcowfs")
     print("\nAll runs (%s):\n" % " / ".join(keys))

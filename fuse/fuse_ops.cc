@@ -206,6 +206,9 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
   });
 }
 
+// Direct writes and writes from page writeback of a shared mapping (FUSE_WRITE_CACHE,
+// fi->writepage) take the same path: same EOF rule, same engine call, same errors
+// (a failed writeback makes the application's msync/fsync fail).
 void OpWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off, fuse_file_info*) noexcept {
   Guard(req, [&] {
     Export* e = ExportOf(Server(req), ino);
@@ -279,6 +282,9 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
     } else {
       s = e->dev->Allocate(start, end - start);  // mode 0: reserve, reads unchanged
     }
+    // The range is changed before the reply: the kernel drops its cached (mapped) pages
+    // of a punched or zeroed range once this reply arrives (it wrote dirty ones back
+    // before sending the request), so mappings read the zeros from here on.
     fuse_reply_err(req, Errno0(s));
   });
 }

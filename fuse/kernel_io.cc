@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <mutex>
 #include <unordered_set>
@@ -20,17 +21,30 @@
 #include <fuse3/fuse_lowlevel.h>
 
 #include "fuse/uring_abi.h"
+#include "util/log.h"
 
 namespace qcowfs::fuse {
 namespace {
 
-// --- FUSE over io_uring: INIT negotiation and ring replies ---------------------
+// --- The INIT reply: FUSE_DIRECT_IO_ALLOW_MMAP and FUSE_OVER_IO_URING ----------
+
+// Protocol 7.39 (kernel 6.6; Debian 12's <linux/fuse.h> is 7.38 and lacks it):
+// FUSE_DIRECT_IO_ALLOW_MMAP is init flag bit 36. Flags 32..63 travel in the
+// 32-bit flags2 field of fuse_init_in / fuse_init_out (bit 36 = flags2 bit 4),
+// and each side reads flags2 only when the other set FUSE_INIT_EXT (bit 30 of
+// flags). With it, the kernel lets a FOPEN_DIRECT_IO file be mmap'ed
+// MAP_SHARED (page cache for the mappings only, kept coherent by the kernel:
+// kernel_io.h). Without it such an mmap fails with ENODEV. libfuse 3.14 has no
+// capability for it. FUSE_OVER_IO_URING (bit 41, uring_abi.h) is taken when the
+// ring transport wants it (InitHook).
+constexpr uint64_t kDirectIoAllowMmap = 1ULL << 36;
 
 thread_local RingReply* t_ring_reply = nullptr;
 
 std::atomic<const InitHook*> g_init_hook{nullptr};
 // The INIT request seen (unique and the flags it offers, flags2 shifted in); its reply
-// is patched once (g_init_pending).
+// is patched once (g_init_pending). The plain fields are written before the release
+// store and read after the acquire load.
 std::atomic<bool> g_init_pending{false};
 uint64_t g_init_unique = 0;
 uint64_t g_init_offered = 0;
@@ -42,6 +56,7 @@ void NoteInit(const void* buf, ssize_t n) {
   std::memcpy(&arg, static_cast<const char*>(buf) + sizeof(fuse_in_header),
               std::min(sizeof(arg), static_cast<size_t>(n) - sizeof(fuse_in_header)));
   uint64_t flags = arg.flags;
+  // flags2 exists from 7.36 on (fuse_init_in grew then); a shorter request has none.
   if ((arg.flags & uring::kFuseInitExt) &&
       static_cast<size_t>(n) >= sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) + 4)
     flags |= static_cast<uint64_t>(arg.flags2) << 32;
@@ -71,16 +86,27 @@ ssize_t RingWritev(RingReply* r, struct iovec* iov, int count) {
   return static_cast<ssize_t>(len);
 }
 
-// Patches the INIT reply (FUSE_OVER_IO_URING if offered and wanted) and writes it.
+// Patches the INIT reply (FUSE_DIRECT_IO_ALLOW_MMAP if offered; FUSE_OVER_IO_URING if
+// offered and wanted) and writes it.
 ssize_t InitWritev(int fd, struct iovec* iov, int count) {
   const InitHook* hook = g_init_hook.load(std::memory_order_acquire);
-  bool offered = (g_init_offered & uring::kFuseOverIoUring) != 0;
+  bool ext = (g_init_offered & uring::kFuseInitExt) != 0;
+  bool offered = ext && (g_init_offered & uring::kFuseOverIoUring) != 0;
   bool taken = false;
   size_t payload = 0;
   auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
-  if (out->error == 0 && count >= 2 && iov[1].iov_len >= offsetof(fuse_init_out, flags2) + 4) {
+  bool has_flags2 = count >= 2 && iov[1].iov_len >= offsetof(fuse_init_out, flags2) + sizeof(uint32_t);
+  if (out->error == 0 && has_flags2) {
     auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);
-    if (hook && offered && (g_init_offered & uring::kFuseInitExt) && hook->want(hook->ctx)) {
+    if (ext && (g_init_offered & kDirectIoAllowMmap)) {
+      arg->flags |= uring::kFuseInitExt;
+      arg->flags2 |= static_cast<uint32_t>(kDirectIoAllowMmap >> 32);
+    } else {
+      QCOWFS_LOG(Info,
+                 "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
+                 "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
+    }
+    if (hook && offered && hook->want(hook->ctx)) {
       arg->flags |= uring::kFuseInitExt;
       arg->flags2 |= static_cast<uint32_t>(uring::kFuseOverIoUring >> 32);
       taken = true;
@@ -88,6 +114,10 @@ ssize_t InitWritev(int fd, struct iovec* iov, int count) {
     long page = sysconf(_SC_PAGESIZE);
     payload = std::max<size_t>({8192, arg->max_write,
                                 static_cast<size_t>(arg->max_pages) * static_cast<size_t>(page > 0 ? page : 4096)});
+  } else if (out->error == 0) {
+    QCOWFS_LOG(Info,
+               "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
+               "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
   }
   ssize_t n = ::writev(fd, iov, count);
   int saved = errno;

@@ -1,11 +1,23 @@
 // KernelIo: the session's /dev/fuse reads and writes, through libfuse's
-// custom-io hook. Two things happen there:
+// custom-io hook. Four things happen there:
 //
 // 1. Open replies get FOPEN_PARALLEL_DIRECT_WRITES (libfuse 3.14 has no field
 //    for it), so the kernel runs direct writes to one file in parallel instead
 //    of under the inode lock; reads already are.
 //
-// 2. Adaptive polling of the device. A FUSE request normally costs two
+// 2. The INIT reply gets FUSE_DIRECT_IO_ALLOW_MMAP (kernel 6.6+, protocol 7.39;
+//    not in libfuse 3.14) when the kernel's INIT request offers it, so the
+//    direct-io file can be mmap'ed MAP_SHARED (MAP_PRIVATE works without it).
+//    The kernel keeps the mapping's pages coherent by itself: a direct read or
+//    write first writes back the dirty pages of its range, and a direct write
+//    drops the cached ones; PUNCH_HOLE and ZERO_RANGE write the range back before
+//    the request and drop it after our reply; a size change drops the cache; and
+//    while a file is mapped MAP_SHARED the inode is in "cached io mode", where
+//    direct writes take the inode lock exclusively (one at a time) instead of
+//    running in parallel. So the daemon sends no invalidations: it only has to
+//    finish every change before it replies (mmap_test.cc checks each case).
+//
+// 3. Adaptive polling of the device. A FUSE request normally costs two
 //    cross-CPU wakeups: the application wakes a daemon thread asleep in read(),
 //    and the reply wakes the application. On VMs a wakeup of a sleeping vCPU is
 //    the largest single cost of a 4 KiB request. So a worker that finds the
@@ -24,7 +36,7 @@
 //    the kernel's writeback. poll_us = 0: plain blocking reads, every worker
 //    waits on the device (libfuse's behaviour).
 //
-// 3. FUSE over io_uring (ring.h): the INIT reply takes FUSE_OVER_IO_URING when the
+// 4. FUSE over io_uring (ring.h): the INIT reply takes FUSE_OVER_IO_URING when the
 //    kernel offers it and the ring transport is prepared (libfuse 3.14 does not know
 //    the flag), and a reply made in a ring thread goes into that thread's current
 //    ring entry (RingReply) instead of /dev/fuse.

@@ -5,13 +5,13 @@
 namespace qcowfs::mirror {
 
 Status MirrorFilter::Read(uint64_t offset, void* buf, size_t len) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   if (job_) return job_->GuestRead(lower_, offset, buf, len);
   return lower_->Read(offset, buf, len);
 }
 
 Status MirrorFilter::Write(uint64_t offset, const void* buf, size_t len) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   bool claimed = job_ && job_->BeforeGuestWrite(offset, len);
   Status s = lower_->Write(offset, buf, len);
   if (job_) job_->AfterGuestWrite(offset, len, buf, false, claimed, s.ok());
@@ -19,7 +19,7 @@ Status MirrorFilter::Write(uint64_t offset, const void* buf, size_t len) {
 }
 
 Status MirrorFilter::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   bool claimed = job_ && job_->BeforeGuestWrite(offset, len);
   Status s = lower_->WriteZeroes(offset, len, may_unmap);
   if (job_) job_->AfterGuestWrite(offset, len, nullptr, may_unmap, claimed, s.ok());
@@ -27,7 +27,7 @@ Status MirrorFilter::WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) 
 }
 
 Status MirrorFilter::Discard(uint64_t offset, uint64_t len) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   // A discarded range reads zeros: the target gets zeros (never a TRIM alone).
   uint64_t n = std::min<uint64_t>(len, lower_->Size() - std::min(offset, lower_->Size()));
   bool claimed = job_ && job_->BeforeGuestWrite(offset, n);
@@ -37,50 +37,50 @@ Status MirrorFilter::Discard(uint64_t offset, uint64_t len) {
 }
 
 Status MirrorFilter::Flush() {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return lower_->Flush();
 }
 
 Result<block::BlockStatus> MirrorFilter::GetBlockStatus(uint64_t offset, uint64_t len) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return lower_->GetBlockStatus(offset, len);
 }
 
 uint64_t MirrorFilter::Size() const {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return lower_->Size();
 }
 
 Status MirrorFilter::Allocate(uint64_t offset, uint64_t len) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   RETURN_IF_ERROR(lower_->Allocate(offset, len));
   // Preallocation does not change what the range reads: nothing for the target.
   return Status::Ok();
 }
 
 Status MirrorFilter::Resize(uint64_t new_size) {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   if (job_) return Status::Error(EBUSY, "a mirror job is running on this image; it cannot grow until the job ends");
   return lower_->Resize(new_size);
 }
 
 bool MirrorFilter::read_only() const {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return lower_->read_only();
 }
 
 uint64_t MirrorFilter::AllocatedBytes() const {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return lower_->AllocatedBytes();
 }
 
 block::BlockDevice* MirrorFilter::lower() const {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return lower_;
 }
 
 bool MirrorFilter::has_job() const {
-  ReaderLock l(&io_mu_);
+  ReaderMostlyShared l(&io_mu_);
   return job_ != nullptr;
 }
 

@@ -1,5 +1,5 @@
 // MirrorFilter: the device the FUSE frontend sees for every mounted image. Without a job
-// it passes every call to the image (one shared lock, no other cost). With a job it tells
+// it passes every call to the image (one per-thread shared lock, no other cost). With a job it tells
 // the job about each completed guest write, zero-range and discard (background: mark
 // dirty; write-blocking: also write the bytes to the target), lets copy-on-read see guest
 // reads, refuses growth (EBUSY), and at `complete` it is paused (no guest request in
@@ -12,6 +12,7 @@
 
 #include "block/block_device.h"
 #include "util/mutex.h"
+#include "util/reader_mostly_mutex.h"
 #include "util/thread_annotations.h"
 
 namespace qcowfs::mirror {
@@ -46,7 +47,9 @@ class MirrorFilter final : public block::BlockDevice {
   bool has_job() const;
 
  private:
-  mutable SharedMutex io_mu_;
+  // Per-thread reader counts (util/reader_mostly_mutex.h): no cache line shared by every
+  // request. Never taken shared twice by one thread.
+  mutable ReaderMostlyMutex io_mu_;
   block::BlockDevice* lower_ GUARDED_BY(io_mu_);
   MirrorJob* job_ GUARDED_BY(io_mu_) = nullptr;
 };

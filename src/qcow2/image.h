@@ -8,7 +8,7 @@
 // meta_mu_ drops; the allocator skips refcount-0 clusters that a live request still
 // overlaps. Writes that change an L2 entry first mark the guest cluster busy
 // (busy_), so overlapping allocating writes wait and never allocate twice.
-// Lock order: meta_mu_ -> InFlightTable::mu_ (leaf).
+// Lock order: meta_mu_ -> an InFlightTable shard mutex (leaf, one at a time).
 //
 // On-disk write ordering (crash safety; leaks allowed, never corruption): see
 // ARCHITECTURE.md. In short, FlushLocked makes each step durable before the next:
@@ -167,6 +167,12 @@ class Qcow2Image final : public block::BlockDevice {
   // L2 tables, one pwrite per run of contiguous host clusters. Returns the bytes
   // written (0: the first cluster needs WriteCluster).
   Result<uint64_t> WriteInPlace(uint64_t off, const uint8_t* buf, uint64_t len) EXCLUDES(meta_mu_);
+  // The allocating path over several clusters: [off, off+len) starts on a cluster
+  // boundary; the leading whole clusters (up to kMaxFreshClusters, within one L2
+  // table) that are unallocated in this layer get one contiguous run of new host
+  // clusters, one pwrite and one L2 update. Returns the bytes written (0: fewer than
+  // two such clusters, the caller goes on with WriteCluster).
+  Result<uint64_t> WriteFresh(uint64_t off, const uint8_t* buf, uint64_t len) EXCLUDES(meta_mu_);
   // Whether bytes [in, in+len) of a cluster can be overwritten where they are:
   // allocated data with refcount 1, every touched subcluster holding data.
   static bool WritableInPlace(const ClusterInfo& ci, uint64_t in, uint64_t len, uint64_t sub);

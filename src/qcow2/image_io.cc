@@ -3,6 +3,7 @@
 #include <zstd.h>
 
 #include <algorithm>
+#include <deque>
 #include <cstring>
 
 #include "qcow2/cluster_info.h"
@@ -14,18 +15,58 @@ namespace {
 constexpr uint64_t kMaxReadChunk = 4ull << 20;
 
 // Releases tracked host ranges when a request's I/O is over.
+// The first few handles live inline: a request rarely has more, and a 4 KiB read then
+// allocates nothing.
 class InFlightRefs {
  public:
   explicit InFlightRefs(InFlightTable* t) : t_(t) {}
+  InFlightRefs(const InFlightRefs&) = delete;
+  InFlightRefs& operator=(const InFlightRefs&) = delete;
   ~InFlightRefs() {
-    for (auto h : handles_) t_->Release(h);
+    for (size_t i = 0; i < n_inline_; i++) t_->Release(inline_[i]);
+    for (auto h : more_) t_->Release(h);
   }
-  void Add(uint64_t start, uint64_t len) { handles_.push_back(t_->Register(start, len)); }
+  void Add(uint64_t start, uint64_t len) {
+    InFlightTable::Handle h = t_->Register(start, len);
+    if (n_inline_ < kInline)
+      inline_[n_inline_++] = h;
+    else
+      more_.push_back(h);
+  }
 
  private:
+  static constexpr size_t kInline = 4;
   InFlightTable* t_;
-  std::vector<InFlightTable::Handle> handles_;
+  InFlightTable::Handle inline_[kInline];
+  size_t n_inline_ = 0;
+  std::vector<InFlightTable::Handle> more_;
 };
+
+// Per-thread extent lists for the data paths, one per nesting level (a read of an
+// overlay reads its backing file on the same thread), reused so that mapping a
+// request allocates nothing in steady state.
+class ExtentScratch {
+ public:
+  ExtentScratch() {
+    if (pool_.size() <= depth_) pool_.emplace_back();
+    v_ = &pool_[depth_++];
+    v_->clear();
+  }
+  ExtentScratch(const ExtentScratch&) = delete;
+  ExtentScratch& operator=(const ExtentScratch&) = delete;
+  ~ExtentScratch() {
+    if (v_->capacity() > 64) std::vector<Extent>().swap(*v_);  // no large lists kept
+    depth_--;
+  }
+  std::vector<Extent>& get() { return *v_; }
+
+ private:
+  static thread_local std::deque<std::vector<Extent>> pool_;  // stable addresses
+  static thread_local size_t depth_;
+  std::vector<Extent>* v_;
+};
+thread_local std::deque<std::vector<Extent>> ExtentScratch::pool_;
+thread_local size_t ExtentScratch::depth_ = 0;
 
 }  // namespace
 
@@ -127,8 +168,10 @@ Status Qcow2Image::Read(uint64_t offset, void* buf, size_t len) {
   if (offset > Size() || len > Size() - offset) return Status::Invalid(name_ + ": read beyond the end of the image");
   auto* out = static_cast<uint8_t*>(buf);
   uint64_t done = 0;
+  ExtentScratch scratch;
+  std::vector<Extent>& ext = scratch.get();
   while (done < len) {
-    std::vector<Extent> ext;
+    ext.clear();
     InFlightRefs refs(&inflight_);
     uint64_t n;
     uint64_t want = std::min<uint64_t>(len - done, kMaxReadChunk);
@@ -162,6 +205,14 @@ Status Qcow2Image::Write(uint64_t offset, const void* buf, size_t len) {
     if (s.ok() && w.value() > 0) {
       done += w.value();
       continue;
+    }
+    if (s.ok() && (pos & (cs - 1)) == 0 && len - done >= 2 * cs) {
+      auto f = WriteFresh(pos, in + done, len - done);
+      s = f.status();
+      if (s.ok() && f.value() > 0) {
+        done += f.value();
+        continue;
+      }
     }
     uint64_t n = std::min<uint64_t>(len - done, cs - (pos & (cs - 1)));
     if (s.ok()) s = WriteCluster(pos, in + done, n);
@@ -233,6 +284,87 @@ Result<uint64_t> Qcow2Image::WriteInPlace(uint64_t off, const uint8_t* buf, uint
     at += runs[i].len;
   }
   return done;
+}
+
+Result<uint64_t> Qcow2Image::WriteFresh(uint64_t off, const uint8_t* buf, uint64_t len) {
+  if (has_data_file_) return uint64_t{0};
+  const uint64_t cs = geo_.cluster_size;
+  const uint64_t gc = off / cs;
+  const uint64_t l1i = gc / geo_.l2_entries, l2i = gc % geo_.l2_entries;
+  // Whole clusters of the write, within this L2 table, at most 2 MiB (and 2 clusters).
+  const uint64_t max_n = std::min({len / cs, geo_.l2_entries - l2i,
+                                   std::max<uint64_t>(2, (uint64_t{2} << 20) / cs)});
+  if (max_n < 2) return uint64_t{0};
+  InFlightRefs refs(&inflight_);
+  uint64_t n = 0, host = 0;
+  meta_mu_.Lock();
+  LockGuest(gc, gc + max_n - 1);
+  Status ls;
+  {
+    auto t = L2ForWrite(l1i);
+    if (t.ok()) {
+      const uint8_t* l2 = t.value()->data.data();
+      while (n < max_n) {
+        ClusterInfo ci = Decode(l2, gc + n);
+        // Unallocated or zero without a host cluster: nothing to copy, nothing to free.
+        if (ci.type != ClusterInfo::kUnallocated || ci.bad_bitmap) break;
+        n++;
+      }
+    } else {
+      ls = t.status();
+    }
+  }
+  if (!ls.ok() || n < 2) {
+    UnlockGuest(gc, gc + max_n - 1);
+    meta_mu_.Unlock();
+    if (!ls.ok()) return ls;
+    return uint64_t{0};
+  }
+  // Keep only the clusters this write takes busy (we hold meta_mu_ throughout, so no
+  // waiter slips in between).
+  UnlockGuest(gc, gc + max_n - 1);
+  LockGuest(gc, gc + n - 1);
+  {
+    auto a = AllocClusters(n, false);
+    if (!a.ok()) {
+      UnlockGuest(gc, gc + n - 1);
+      meta_mu_.Unlock();
+      return a.status();
+    }
+    host = a.value();
+  }
+  Status s = CheckOverlap(host, n * cs, "data");
+  if (!s.ok()) {
+    UnallocClusters(host, n);
+    UnlockGuest(gc, gc + n - 1);
+    meta_mu_.Unlock();
+    return s;
+  }
+  refs.Add(host, n * cs);
+  meta_mu_.Unlock();
+
+  Status st = data_->Write(host, buf, n * cs);
+
+  // Link: the data is written; the flush orders it before the L2 tables.
+  meta_mu_.Lock();
+  if (st.ok()) {
+    auto t = L2ForWrite(l1i);
+    if (!t.ok()) {
+      st = t.status();
+    } else {
+      TableCache::Entry* e = t.value();
+      const uint64_t bitmap = geo_.extended_l2 ? (uint64_t{1} << kSubclusters) - 1 : 1;
+      for (uint64_t i = 0; i < n; i++)
+        Encode(e->data.data(), l2i + i, ((host + i * cs) & kL2OffsetMask) | kOflagCopied, bitmap);
+      e->dirty = true;
+      metadata_dirty_ = true;
+    }
+  }
+  if (!st.ok()) UnallocClusters(host, n);  // no table points at them
+  UnlockGuest(gc, gc + n - 1);
+  meta_mu_.Unlock();
+  if (!st.ok()) return st;
+  return n * cs;
 }
 
 Status Qcow2Image::WriteDataFile(uint64_t off, const void* buf, size_t len) {

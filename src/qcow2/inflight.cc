@@ -1,12 +1,54 @@
 #include "qcow2/inflight.h"
 
 #include <algorithm>
+#include <atomic>
 
 namespace qcowfs::qcow2 {
 
+InFlightTable::~InFlightTable() {
+  for (Shard& sh : shards_) {
+    MutexLock l(&sh.mu);
+    for (Node* list : {sh.live, sh.free}) {
+      while (list) {
+        Node* next = list->next;
+        delete list;
+        list = next;
+      }
+    }
+  }
+}
+
+unsigned InFlightTable::ThreadShard() {
+  static std::atomic<unsigned> next{0};
+  thread_local unsigned shard = next.fetch_add(1, std::memory_order_relaxed) % kShards;
+  return shard;
+}
+
+bool InFlightTable::Overlaps(uint64_t start, uint64_t len) {
+  for (Shard& sh : shards_) {
+    MutexLock l(&sh.mu);
+    for (const Node* n = sh.live; n; n = n->next)
+      if (n->r.start < start + len && start < n->r.end) return true;
+  }
+  return false;
+}
+
 std::vector<HostRange> InFlightTable::Snapshot() {
-  MutexLock l(&mu_);
-  return std::vector<HostRange>(live_.begin(), live_.end());
+  std::vector<HostRange> out;
+  for (Shard& sh : shards_) {
+    MutexLock l(&sh.mu);
+    for (const Node* n = sh.live; n; n = n->next) out.push_back(n->r);
+  }
+  return out;
+}
+
+size_t InFlightTable::size() {
+  size_t total = 0;
+  for (Shard& sh : shards_) {
+    MutexLock l(&sh.mu);
+    total += sh.count;
+  }
+  return total;
 }
 
 HostRangeSet::HostRangeSet(std::vector<HostRange> ranges) {

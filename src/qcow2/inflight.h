@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <list>
 #include <utility>
 #include <vector>
 
@@ -24,33 +23,71 @@ struct HostRange {
 
 class InFlightTable {
  public:
-  using Handle = std::list<HostRange>::iterator;
+  // A live range's node. Nodes are recycled through a free list, so a request
+  // that registers and releases ranges allocates no memory in steady state.
+  struct Shard;
+  struct Node {
+    HostRange r;
+    Shard* shard = nullptr;
+    Node* prev = nullptr;
+    Node* next = nullptr;
+  };
+  using Handle = Node*;
 
-  Handle Register(uint64_t start, uint64_t len) EXCLUDES(mu_) {
-    MutexLock l(&mu_);
-    live_.push_front(HostRange{start, start + len});
-    return live_.begin();
+  // The table is split in shards, one per thread (round robin), each on its own cache
+  // lines with its own leaf mutex: a request registers in its thread's shard and
+  // releases there, so requests on different CPUs share no lock. Readers of the whole
+  // table (the allocator, under meta_mu_ exclusive, so no registration races it) lock
+  // one shard at a time.
+  static constexpr unsigned kShards = 8;
+  struct alignas(64) Shard {
+    Mutex mu;
+    Node* live GUARDED_BY(mu) = nullptr;
+    Node* free GUARDED_BY(mu) = nullptr;
+    size_t count GUARDED_BY(mu) = 0;
+  };
+
+  InFlightTable() = default;
+  InFlightTable(const InFlightTable&) = delete;
+  InFlightTable& operator=(const InFlightTable&) = delete;
+  ~InFlightTable();
+
+  Handle Register(uint64_t start, uint64_t len) {
+    Shard& sh = shards_[ThreadShard()];
+    MutexLock l(&sh.mu);
+    Node* n = sh.free;
+    if (n) {
+      sh.free = n->next;
+    } else {
+      n = new Node;
+      n->shard = &sh;
+    }
+    n->r = HostRange{start, start + len};
+    n->prev = nullptr;
+    n->next = sh.live;
+    if (sh.live) sh.live->prev = n;
+    sh.live = n;
+    sh.count++;
+    return n;
   }
-  void Release(Handle h) EXCLUDES(mu_) {
-    MutexLock l(&mu_);
-    live_.erase(h);
+  void Release(Handle h) {
+    Shard& sh = *h->shard;
+    MutexLock l(&sh.mu);
+    if (h->prev) h->prev->next = h->next; else sh.live = h->next;
+    if (h->next) h->next->prev = h->prev;
+    h->prev = nullptr;
+    h->next = sh.free;
+    sh.free = h;
+    sh.count--;
   }
-  bool Overlaps(uint64_t start, uint64_t len) EXCLUDES(mu_) {
-    MutexLock l(&mu_);
-    for (const auto& r : live_)
-      if (r.start < start + len && start < r.end) return true;
-    return false;
-  }
+  bool Overlaps(uint64_t start, uint64_t len);
   // Copy of the live ranges (unordered; HostRangeSet sorts them).
-  std::vector<HostRange> Snapshot() EXCLUDES(mu_);
-  size_t size() EXCLUDES(mu_) {
-    MutexLock l(&mu_);
-    return live_.size();
-  }
+  std::vector<HostRange> Snapshot();
+  size_t size();
 
  private:
-  Mutex mu_;
-  std::list<HostRange> live_ GUARDED_BY(mu_);
+  static unsigned ThreadShard();
+  Shard shards_[kShards];
 };
 
 // Sorted, merged view of live ranges for the allocator.

@@ -6,6 +6,7 @@
 // repaired once there is space.
 #include <doctest/doctest.h>
 #include <linux/falloc.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 
 #include <sstream>
@@ -133,6 +134,67 @@ TEST_CASE("mount enospc: a full host fails writes with ENOSPC; punch, fsync and 
   }
   fd.Close();
   CHECK_UNMOUNTS(g);
+}
+
+// Writes from page writeback fail like direct ones: a shared mapping's msync reports the
+// ENOSPC (the application learns its data is not stored), the daemon goes on, and once there
+// is space again the rewritten pages land.
+TEST_CASE("mount enospc: mapped writes on a full host fail msync with ENOSPC; once there is space they land") {
+  RequireMountTools();
+  Scratch s;
+  SmallHost host(s, "16m");
+  std::string img = host.File("img.qcow2"), ref = s.File("ref.raw"), mp = s.FileMountpoint();
+  const uint64_t size = 32 * MiB;
+  QemuImgCreate(img, std::to_string(size));
+  QemuIo(img, {"write -P 0x11 0 2M"});
+  MakeRaw(ref, size);
+  {
+    Fd r(ref, O_RDWR);
+    std::vector<char> b(2 * MiB, 0x11);
+    std::memset(b.data() + 4096, 0x22, 64 * KiB);
+    REQUIRE(PwriteAll(r.get(), b.data(), b.size(), 0));
+  }
+  const std::vector<uint8_t> blk = Block(8 * MiB, 4 * MiB, 3);
+  {
+    Fd r(ref, O_RDWR);
+    REQUIRE(PwriteAll(r.get(), blk.data(), blk.size(), 8 * MiB));
+  }
+  FillUp(host.File("filler"), 256 * KiB);
+  MountGuard g(mp, {"mount", img, mp});
+  REQUIRE_MOUNTED(g);
+  {
+    Fd fd(mp, O_RDWR);
+    REQUIRE(fd.valid());
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    REQUIRE_MESSAGE(p != MAP_FAILED, strerror(errno));
+    char* m = static_cast<char*>(p);
+    // In place over allocated clusters: needs no space.
+    std::memset(m + 4096, 0x22, 64 * KiB);
+    CHECK(::msync(m, 2 * MiB, MS_SYNC) == 0);
+    // 4 MiB into unallocated clusters: more than the host has.
+    std::memcpy(m + 8 * MiB, blk.data(), blk.size());
+    int rc = ::msync(m + 8 * MiB, 4 * MiB, MS_SYNC);
+    int err = errno;
+    CHECK(rc == -1);
+    CHECK_MESSAGE(err == ENOSPC, strerror(err));
+    // The daemon goes on: reads work and what msync acknowledged is there.
+    {
+      std::vector<char> got(2 * MiB), want(2 * MiB, 0x11);
+      std::memset(want.data() + 4096, 0x22, 64 * KiB);
+      REQUIRE(PreadAll(fd.get(), got.data(), got.size(), 0));
+      CHECK(got == want);
+    }
+    // Space again. The failed pages are clean now (their data is not in the image): write
+    // them again, then msync and fsync succeed.
+    REQUIRE(::unlink(host.File("filler").c_str()) == 0);
+    std::memcpy(m + 8 * MiB, blk.data(), blk.size());
+    CHECK(::msync(m + 8 * MiB, 4 * MiB, MS_SYNC) == 0);
+    CHECK(::fsync(fd.get()) == 0);
+    ::munmap(p, size);
+  }
+  CHECK_UNMOUNTS(g);
+  CheckClean(img);
+  CheckSameContent(img, ref);
 }
 
 TEST_CASE("mount enospc: a dirty lazy-refcounts image on a full host is refused with one line, unchanged, and repaired once there is space") {

@@ -235,6 +235,15 @@ TEST_CASE("kernel_io: the INIT reply takes FUSE_OVER_IO_URING only when offered 
     CHECK(log.offered);
     CHECK_FALSE(log.taken);
   }
+  SUBCASE("offered with FUSE_DIRECT_IO_ALLOW_MMAP: the reply takes both") {
+    HookLog log;
+    const uint32_t mmap2 = 1u << 4;  // FUSE_DIRECT_IO_ALLOW_MMAP in flags2
+    auto [f, f2] = NegotiateInit(FUSE_ASYNC_READ | FUSE_INIT_EXT, ring2 | mmap2, &log, 1004);
+    CHECK((f & FUSE_INIT_EXT) != 0);
+    CHECK((f2 & ring2) != 0);
+    CHECK((f2 & mmap2) != 0);
+    CHECK(log.taken);
+  }
   SUBCASE("not offered (the kernel's parameter off)") {
     HookLog log;
     auto [f, f2] = NegotiateInit(FUSE_ASYNC_READ | FUSE_INIT_EXT, 0, &log, 1003);

@@ -13,6 +13,7 @@
 #include "qcow2/create.h"
 #include "qcow2/image.h"
 #include "support/mem_device.h"
+#include "support/recording_device.h"
 #include "support/process.h"
 #include "support/temp_dir.h"
 
@@ -203,6 +204,73 @@ TEST_CASE("engine: a write over many allocated clusters, holes and zeros in betw
     write((n - 1) * cs + cs - 1, 1);
     ExpectReads(img.get(), model);
     CloseReopenAndCheck(&mem, &img, model);
+  }
+}
+
+// A long write over clusters this layer does not allocate gets one run of host clusters
+// and one host write per 2 MiB (or per L2 table), not one per cluster: a mirror to a new
+// qcow2 target and first-touch writes depend on it. Zero clusters, holes and L2-table
+// boundaries are crossed; clusters already allocated go their own way.
+TEST_CASE("engine: a long write over unallocated clusters is one host write per run") {
+  const Config configs[] = {{16, 4, 3, false}, {16, 4, 3, true}, {9, 4, 3, false}, {14, 1, 3, true}, {12, 4, 2, false}, {12, 6, 3, false}};
+  for (const auto& cfg : configs) {
+    CAPTURE(cfg.cluster_bits);
+    CAPTURE(cfg.extended_l2);
+    MemDevice base;
+    CreateOptions c = OptionsFor(cfg, 16ull << 20);
+    REQUIRE(CreateOn(&base, c).ok());
+    testing::HostLog log;
+    testing::RecordingDevice host(&log, base);
+    OpenDevices d;
+    d.host = &host;
+    d.name = "rec.qcow2";
+    auto r = Qcow2Image::OpenOn(d, {});
+    REQUIRE_MESSAGE(r.ok(), r.status().message());
+    auto img = std::move(r).value();
+    const uint64_t cs = 1ull << cfg.cluster_bits;
+    std::vector<uint8_t> model(c.size, 0);
+    // Zero flags on part of the range first (v3 only), and one allocated cluster in the
+    // middle of the second write.
+    if (cfg.version == 3) REQUIRE(img->WriteZeroes(8 * cs, 4 * cs, false).ok());
+    std::vector<uint8_t> one(cs);
+    Fill(&one, 7);
+    const uint64_t lone = (4ull << 20) + 64 * cs;
+    REQUIRE(img->Write(lone, one.data(), cs).ok());
+    std::memcpy(model.data() + lone, one.data(), cs);
+    auto data_writes = [&](size_t from) {
+      const auto& ops = log.ops();
+      size_t w = 0;
+      for (size_t i = from; i < ops.size(); i++)
+        if (ops[i].kind == testing::HostOp::kWrite) w++;
+      return w;
+    };
+    auto write = [&](uint64_t off, uint64_t len) {
+      std::vector<uint8_t> buf(len);
+      Fill(&buf, off ^ len);
+      size_t before = log.size();
+      Status s = img->Write(off, buf.data(), len);
+      REQUIRE_MESSAGE(s.ok(), s.message());
+      std::memcpy(model.data() + off, buf.data(), len);
+      return before;
+    };
+    // 1 MiB from cluster 0: one host write of the whole run (or one per L2 table).
+    const uint64_t l2_span = cs * (cs / (cfg.extended_l2 ? 16 : 8));
+    const uint64_t len1 = 1ull << 20;
+    size_t from = write(0, len1);
+    const size_t tables1 = (len1 + l2_span - 1) / l2_span;
+    const size_t runs1 = std::max<size_t>(tables1, (len1 + (2ull << 20) - 1) / (2ull << 20));
+    CHECK(data_writes(from) <= runs1 + 1);
+    // 3 MiB from an unaligned start, over the allocated cluster: the head cluster alone,
+    // then runs before and after the allocated one.
+    from = write((4ull << 20) - cs / 2, 3ull << 20);
+    const size_t tables2 = (3ull << 20) / l2_span + 2;
+    CHECK(data_writes(from) <= std::max<size_t>(tables2, 2) + 3);
+    // Every cluster got a host cluster of its own.
+    ExpectReads(img.get(), model);
+    REQUIRE(img->Flush().ok());
+    REQUIRE(img->Close().ok());
+    img.reset();
+    CheckWithQemu(host.live(), model);
   }
 }
 
