@@ -286,6 +286,9 @@ void PrepCmd(io_uring_sqe* sqe, int fd, uint32_t cmd_op, uint16_t qid, uint64_t 
 }  // namespace
 
 void FuseRing::Serve(Worker* w) {
+  char name[16];
+  std::snprintf(name, sizeof(name), "qcowfs-ring%u", w->qid);
+  pthread_setname_np(pthread_self(), name);
   size_t payload_size;
   {
     MutexLock l(&mu_);
@@ -334,10 +337,20 @@ void FuseRing::Serve(Worker* w) {
     Fail(std::string("io_uring_submit: ") + std::strerror(-rc));
     return;
   }
-  // A REGISTER the kernel refused completes at once.
+  // A REGISTER the kernel refused completes at once. -EAGAIN: the connection is not
+  // initialized yet (the INIT reply is processed as it is written, so not expected);
+  // it does not turn the ring off, so try again.
   io_uring_cqe* cqe = nullptr;
   bool registered = true;
+  int again = 0;
   while (io_uring_peek_cqe(&w->ring, &cqe) == 0 && cqe) {
+    if (cqe->user_data == reinterpret_cast<uint64_t>(&e) && cqe->res == -EAGAIN && again++ < 1000) {
+      io_uring_cqe_seen(&w->ring, cqe);
+      usleep(1000);
+      PrepCmd(io_uring_get_sqe(&w->ring), fd_, uring::kCmdRegister, static_cast<uint16_t>(w->qid), 0, e.iov, &e);
+      io_uring_submit(&w->ring);
+      continue;
+    }
     if (cqe->user_data == reinterpret_cast<uint64_t>(&e) && cqe->res < 0) {
       e.alive = false;
       registered = false;
