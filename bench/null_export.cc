@@ -4,7 +4,7 @@
 // what the FUSE transport alone allows on this machine, the limit any image
 // engine behind it stays under. A benchmark tool, not installed.
 //
-//   qcowfs-null-export SIZE MOUNTPOINT [--threads N] [--poll-us N] [--pidfile P]
+//   qcowfs-null-export SIZE MOUNTPOINT [--threads N] [--poll-us N] [--transport auto|legacy|ring] [--pidfile P]
 //
 // MOUNTPOINT is a regular file. Detaches once mounted; stop it with
 // fusermount3 -u MOUNTPOINT.
@@ -52,7 +52,7 @@ class NullDevice final : public block::BlockDevice {
 };
 
 [[noreturn]] void Usage(const char* why) {
-  std::fprintf(stderr, "qcowfs-null-export: %s\nusage: qcowfs-null-export SIZE MOUNTPOINT [--threads N] [--poll-us N] [--pidfile P]\n", why);
+  std::fprintf(stderr, "qcowfs-null-export: %s\nusage: qcowfs-null-export SIZE MOUNTPOINT [--threads N] [--poll-us N] [--transport auto|legacy|ring] [--pidfile P]\n", why);
   std::exit(2);
 }
 
@@ -83,6 +83,8 @@ int main(int argc, char** argv) {
       so.threads = static_cast<unsigned>(Number("--threads", argv[++i]));
     } else if (a == "--poll-us") {
       so.poll_us = static_cast<uint32_t>(Number("--poll-us", argv[++i]));
+    } else if (a == "--transport") {
+      if (!qcowfs::fuse::ParseTransport(argv[++i], &so.transport)) Usage("--transport must be auto, legacy or ring");
     } else if (a == "--pidfile") {
       pidfile = argv[++i];
     } else {

@@ -29,6 +29,12 @@ Options:
   --threads N          qcowfs mount --threads N (default: qcowfs's own default)
   --poll-us N          qcowfs mount --poll-us N (default: qcowfs's own default; 0 turns
                        device polling off, for a before/after comparison)
+  --transport LIST     FUSE transport(s) of qcowfs and the null export: auto, legacy or ring
+                       (mount --transport). Several, comma-separated (e.g. legacy,ring):
+                       each becomes its own target (qcowfs:legacy, qcowfs:ring, and with
+                       --ceiling null:legacy, null:ring) and the report adds a table of
+                       them side by side with ring/legacy ratios. ring needs the kernel's
+                       /sys/module/fuse/parameters/enable_uring = Y (see README.md)
   --raw-direct         O_DIRECT on the raw copy too (default: buffered, see README)
   --cache MODE         writeback (default) or none: qcowfs mount --cache none against
                        qemu-storage-daemon with cache.direct=on on its file blockdev, and
@@ -72,7 +78,7 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ORIG_ARGS=("$@")
 
 opt_size="" opt_runtime="" opt_repeat="" quick=0
-cluster=64K threads="" poll_us="" raw_direct=0 cache_mode=writeback ceiling=0 do_main=1 do_scale=0
+cluster=64K threads="" poll_us="" transports="" TRANSPORT="" raw_direct=0 cache_mode=writeback ceiling=0 do_main=1 do_scale=0
 scale_sizes=1G,1T,64T scale_writes=100 workloads="" workdir_parent=/var/tmp keep=0
 do_mirror=0 mirror_rss_size=64T mirror_rss_secs="" mirror_parts=ready,iops,rss mirror_kinds=qcow2,raw,nbd
 qcowfs_bin="$SCRIPT_DIR/../build/qcowfs"
@@ -88,6 +94,7 @@ while [[ $# -gt 0 ]]; do
     --cluster-size) need_arg "$@"; cluster=$2; shift 2 ;;
     --threads) need_arg "$@"; threads=$2; shift 2 ;;
     --poll-us) need_arg "$@"; poll_us=$2; shift 2 ;;
+    --transport) need_arg "$@"; transports=$2; shift 2 ;;
     --raw-direct) raw_direct=1; shift ;;
     --cache) need_arg "$@"; cache_mode=$2; shift 2 ;;
     --ceiling) ceiling=1; shift ;;
@@ -131,6 +138,9 @@ numfmt --from=iec "$mirror_rss_size" >/dev/null 2>&1 || die "bad --mirror-rss-si
 [[ $scale_writes =~ ^[1-9][0-9]*$ ]] || die "--scale-writes must be a positive integer"
 [[ -z $threads || $threads =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer"
 [[ -z $poll_us || $poll_us =~ ^[0-9]+$ ]] || die "--poll-us must be a number"
+IFS=, read -r -a transport_list <<<"$transports"
+for t in "${transport_list[@]}"; do [[ $t =~ ^(auto|legacy|ring)$ ]] || die "--transport: $t is not auto, legacy or ring"; done
+(( ${#transport_list[@]} != 1 )) || TRANSPORT=${transport_list[0]}
 size_bytes=$(numfmt --from=iec "$size" 2>/dev/null) || die "bad --size: $size"
 cluster_bytes=$(numfmt --from=iec "$cluster" 2>/dev/null) || die "bad --cluster-size: $cluster"
 (( size_bytes >= 16 * 1048576 && size_bytes % 1048576 == 0 )) ||
@@ -197,7 +207,8 @@ mount_qcowfs() { # IMAGE MOUNTPOINT
   : >"$mp"
   QCOWFS_MP=$mp
   t0=$(now_ns)
-  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" --cache "$cache_mode" ${threads:+--threads "$threads"} ${poll_us:+--poll-us "$poll_us"} "$img" "$mp" ||
+  "$qcowfs_bin" mount --socket "$QCOWFS_SOCK" --cache "$cache_mode" ${threads:+--threads "$threads"} ${poll_us:+--poll-us "$poll_us"} \
+    ${TRANSPORT:+--transport "$TRANSPORT"} "$img" "$mp" ||
     die "qcowfs mount $img failed"
   t1=$(now_ns)
   LAST_MS=$(( (t1 - t0) / 1000000 ))
@@ -261,7 +272,7 @@ mount_null() { # (no image) MOUNTPOINT
   NULL_MP=$mp
   rm -f "$NULL_PIDFILE"
   "$null_bin" "$size_bytes" "$mp" --pidfile "$NULL_PIDFILE" ${threads:+--threads "$threads"} \
-    ${poll_us:+--poll-us "$poll_us"} || die "qcowfs-null-export failed"
+    ${poll_us:+--poll-us "$poll_us"} ${TRANSPORT:+--transport "$TRANSPORT"} || die "qcowfs-null-export failed"
   # The detached child writes the pidfile right after the parent returns.
   for (( i = 0; i < 500; i++ )); do [[ -s $NULL_PIDFILE ]] && break; sleep 0.01; done
   [[ -s $NULL_PIDFILE ]] || die "qcowfs-null-export wrote no pidfile"
@@ -391,6 +402,10 @@ run_one() {
   local target=$1 w=$2 rep=$3 name unit args file direct=1 img="" v out mp=$WORK/mnt
   local -a timing=(--time_based --runtime="$runtime")
   IFS='|' read -r name unit args <<<"$w"
+  # qcowfs:ring, null:legacy (--transport with several): the target on that transport.
+  [[ $target == *:* ]] && TRANSPORT=${target#*:}
+  local whole=$target
+  target=${target%%:*}
   if [[ $target == null ]]; then
     [[ $name == first-touch-* ]] && timing=(--runtime="$runtime")
   elif [[ $name == first-touch-* ]]; then
@@ -412,7 +427,7 @@ run_one() {
     "mount_$target" "$img" "$mp"
     file=$mp
   fi
-  out=$WORK/fio-$target-$name-$rep.json
+  out=$WORK/fio-${whole/:/-}-$name-$rep.json
   # shellcheck disable=SC2086
   run_fio "$out" "$file" "$direct" --size="$size_bytes" "${timing[@]}" $args
   v=$(fio_value "$out" "$unit")
@@ -421,8 +436,8 @@ run_one() {
     [[ $target == null ]] || check_image "$img" "$target $name run $rep"
   fi
   rm -f "$WORK/ft.raw" "$WORK/ft.qcow2"
-  record main "$name" "$unit" "$target" "$rep" "$v"
-  log "  $target $name: $v $unit"
+  record main "$name" "$unit" "$whole" "$rep" "$v"
+  log "  $whole $name: $v $unit"
 }
 
 # --- scale: mount time and RSS against virtual size -------------------------------------
@@ -783,6 +798,11 @@ if [[ $do_main == 1 ]]; then
   fi
   targets=(raw qsd qcowfs)
   [[ $ceiling == 1 ]] && targets+=(null)
+  if (( ${#transport_list[@]} > 1 )); then
+    targets=(raw qsd)
+    for t in "${transport_list[@]}"; do targets+=("qcowfs:$t"); done
+    if [[ $ceiling == 1 ]]; then for t in "${transport_list[@]}"; do targets+=("null:$t"); done; fi
+  fi
   for (( rep = 1; rep <= repeat; rep++ )); do
     log "run $rep/$repeat"
     for w in "${ALL_WORKLOADS[@]}"; do
@@ -815,7 +835,7 @@ IDLE_END=$(idle_pct)
 qemu_ver=$(qemu-storage-daemon --version | head -1)
 git_rev=$(git -C "$SCRIPT_DIR/.." describe --always --dirty 2>/dev/null || echo unknown)
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-qcowfs_threads=${threads:-"default ($(nproc))"}${poll_us:+, poll-us: $poll_us}
+qcowfs_threads=${threads:-"default ($(nproc))"}${poll_us:+, poll-us: $poll_us}${transports:+, transport: $transports}
 cat <<EOF
 ## qcowfs bench $(date -u +%Y-%m-%dT%H:%MZ)
 
@@ -853,7 +873,30 @@ def fmt(v, unit):
 def ratio(a, b):
     return "%.2f" % (a / b) if a is not None and b else "-"
 
-if main:
+transports = [k.split(":", 1)[1] for k in dict.fromkeys(k for t in main.values() for k in t) if k.startswith("qcowfs:")]
+if main and transports:
+    # --transport with several: qcowfs and null on each transport, side by side.
+    nulls = any(t["null:" + x] for t in main.values() for x in transports)
+    cols = ["qcowfs:" + x for x in transports] + (["null:" + x for x in transports] if nulls else [])
+    pair = "legacy" in transports and "ring" in transports
+    head = ["raw", "qsd"] + cols
+    if pair:
+        head += ["qcowfs ring/legacy"] + (["null ring/legacy"] if nulls else [])
+    print("### fio by FUSE transport (medians)\n")
+    print("| workload | unit | " + " | ".join(head) + " |")
+    print("|---|---|" + "---:|" * len(head))
+    for (name, unit), t in main.items():
+        vals = [fmt(med(t[k]), unit) for k in ["raw", "qsd"] + cols]
+        if pair:
+            vals.append("**%s**" % ratio(med(t["qcowfs:ring"]), med(t["qcowfs:legacy"])))
+            if nulls:
+                vals.append("**%s**" % ratio(med(t["null:ring"]), med(t["null:legacy"])))
+        print("| %s | %s | %s |" % (name, unit, " | ".join(vals)))
+    print("\nAll runs (%s):\n" % " / ".join(["raw", "qsd"] + cols))
+    for (name, unit), t in main.items():
+        print("- %s: %s" % (name, " / ".join(", ".join(fmt(x, unit) for x in t[k]) for k in ["raw", "qsd"] + cols)))
+    print()
+elif main:
     ceiling = any(t["null"] for t in main.values())
     print("### fio (medians)\n")
     if ceiling:

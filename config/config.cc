@@ -131,6 +131,9 @@ Result<MountConfig> ParseMountConfig(const std::string& text, const std::string&
       if (!v.is_number_unsigned() || v.get<uint64_t>() > kMaxPollUs)
         return KeyError(file, k, "must be a number of microseconds from 0 to " + std::to_string(kMaxPollUs));
       cfg.poll_us = v.get<uint32_t>();
+    } else if (k == "transport") {
+      ASSIGN_OR_RETURN(cfg.transport, StringValue(v, file, k));
+      if (!ValidTransport(cfg.transport)) return KeyError(file, k, "must be \"auto\", \"legacy\" or \"ring\"");
     } else if (k == "allow_other") {
       ASSIGN_OR_RETURN(cfg.allow_other, BoolValue(v, file, k));
     } else if (k == "socket") {
@@ -205,6 +208,8 @@ Result<MountConfig> LoadMountConfig(const std::string& file) {
   return ParseMountConfig(ss.str(), file);
 }
 
+bool ValidTransport(const std::string& s) { return s == "auto" || s == "legacy" || s == "ring"; }
+
 Status ApplyOptionList(const std::string& list, MountConfig* cfg) {
   static const char* kIgnored[] = {"rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime",
                                    "noatime", "relatime", "norelatime", "strictatime", "diratime",
@@ -239,6 +244,9 @@ Status ApplyOptionList(const std::string& list, MountConfig* cfg) {
       if (v.empty() || *end || n > kMaxPollUs)
         return Status::Invalid("-o poll_us: must be a number of microseconds from 0 to " + std::to_string(kMaxPollUs));
       cfg->poll_us = static_cast<uint32_t>(n);
+    } else if (k == "transport") {
+      if (!ValidTransport(v)) return Status::Invalid("-o transport: must be auto, legacy or ring");
+      cfg->transport = v;
     } else if (k == "cache_size") {
       auto r = ParseSize(v);
       if (!r.ok()) return Status::Invalid("-o cache_size: " + r.status().message());

@@ -31,6 +31,7 @@ struct MountConfig {
   std::vector<ImageConfig> images;
   unsigned threads = 0;  // 0: CPU count
   uint32_t poll_us = 50;  // FUSE device polling before a worker sleeps (0: none)
+  std::string transport = "auto";  // FUSE transport: auto, legacy (/dev/fuse) or ring (io_uring)
   bool allow_other = false;
   std::string socket;    // empty: the default path for the mountpoint
   bool foreground = false;
@@ -42,7 +43,10 @@ struct MountConfig {
 Result<MountConfig> ParseMountConfig(const std::string& text, const std::string& file);
 Result<MountConfig> LoadMountConfig(const std::string& file);
 
-// Overrides from a comma-separated -o list (ro, rw, allow_other, threads=N, poll_us=N,
+// Whether s names a FUSE transport: auto, legacy or ring.
+bool ValidTransport(const std::string& s);
+
+// Overrides from a comma-separated -o list (ro, rw, allow_other, threads=N, poll_us=N, transport=T,
 // cache_size=SIZE, cache=none|writeback, discard=unmap|ignore, socket=PATH, read_only, ...). Generic
 // mount options that mount(8) passes (dev, suid, exec, atime, _netdev, ...) are
 // accepted and ignored. Unknown names are errors.

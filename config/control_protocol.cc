@@ -74,6 +74,7 @@ std::string StatusToJson(const StatusReport& r) {
   j["mountpoint"] = r.mountpoint;
   j["pid"] = r.pid;
   j["threads"] = r.threads;
+  j["transport"] = r.transport;
   json imgs = json::array();
   for (const auto& i : r.images) {
     imgs.push_back({{"name", i.name},
@@ -170,6 +171,7 @@ Result<StatusReport> StatusFromJson(const std::string& text) {
     r.mountpoint = j.at("mountpoint").get<std::string>();
     r.pid = j.at("pid").get<int64_t>();
     r.threads = j.at("threads").get<unsigned>();
+    r.transport = j.value("transport", std::string());  // absent from daemons before it
     for (const auto& i : j.at("images")) {
       ImageReport ir;
       ir.name = i.at("name").get<std::string>();
@@ -204,6 +206,7 @@ Result<StatusReport> StatusFromJson(const std::string& text) {
 std::string StatusToText(const StatusReport& r) {
   std::string out = "mountpoint: " + r.mountpoint + "\npid: " + std::to_string(r.pid) +
                     "\nthreads: " + std::to_string(r.threads) + "\n";
+  if (!r.transport.empty()) out += "transport: " + r.transport + (r.transport == "ring" ? " (FUSE over io_uring)\n" : " (/dev/fuse)\n");
   for (const auto& i : r.images) {
     out += "image " + i.name + " (" + i.path + ")" + (i.read_only ? " read-only" : "") +
            (i.corrupt ? " CORRUPT" : "") + "\n";

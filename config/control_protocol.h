@@ -52,6 +52,7 @@ struct StatusReport {
   std::string mountpoint;
   int64_t pid = 0;
   unsigned threads = 0;
+  std::string transport;  // FUSE transport in use: "ring" (io_uring) or "legacy" (/dev/fuse)
   std::vector<ImageReport> images;
   std::vector<MirrorReport> mirrors;
 };

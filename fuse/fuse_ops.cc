@@ -15,6 +15,7 @@
 #include <new>
 
 #include "fuse/fuse_server.h"
+#include "fuse/kernel_io.h"
 #include "util/log.h"
 
 namespace qcowfs::fuse {
@@ -192,7 +193,9 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
     if (off < 0) return (void)fuse_reply_err(req, EINVAL);
     if (static_cast<uint64_t>(off) >= dsize || size == 0) return (void)fuse_reply_buf(req, nullptr, 0);
     size_t n = static_cast<size_t>(std::min<uint64_t>({uint64_t{size}, dsize - static_cast<uint64_t>(off), uint64_t{kMaxIo}}));
-    uint8_t* buf = ThreadBuffer();
+    // A ring thread reads straight into its ring entry's reply buffer.
+    uint8_t* buf = ThreadRingPayload(n);
+    if (!buf) buf = ThreadBuffer();
     Status s = e->dev->Read(static_cast<uint64_t>(off), buf, n);
     if (!s.ok()) {
       QCOWFS_LOG(Warn, "read image=%s off=0x%llx len=%zu: %s", e->name.c_str(),

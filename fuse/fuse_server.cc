@@ -17,6 +17,8 @@ FuseServer::FuseServer(ServerOptions opts, std::vector<Export*> exports)
     : opts_(std::move(opts)), exports_(std::move(exports)) {}
 
 FuseServer::~FuseServer() {
+  ring_view_.store(nullptr, std::memory_order_release);
+  ring_.reset();
   if (se_) {
     if (mounted_) fuse_session_unmount(se_);
     fuse_session_destroy(se_);
@@ -34,6 +36,11 @@ Status FuseServer::Mount() {
     file_mode_ = true;
   } else if (!S_ISDIR(st.st_mode)) {
     return Status::Invalid(opts_.mountpoint + ": mountpoint must be a regular file or a directory");
+  }
+  if (opts_.transport == Transport::kRing) {
+    // Checked before mounting, so a mount that cannot have the ring fails at once.
+    std::string why = RingUnavailableReason(/*probe_io_uring=*/true);
+    if (!why.empty()) return Status::NotSupported("transport ring: " + why);
   }
   threads_ = opts_.threads ? opts_.threads : std::max(1u, std::thread::hardware_concurrency());
   std::string o = "fsname=qcowfs,subtype=qcowfs,max_read=1048576,default_permissions";
@@ -60,7 +67,33 @@ void FuseServer::Daemonize() {
   fuse_daemonize(0);
 }
 
+// The ring threads start here, not in Mount(): Daemonize() forks, and only the forking
+// thread lives on in the child. The kernel's INIT waits in /dev/fuse until the loop runs.
+Status FuseServer::StartRing() {
+  if (opts_.transport == Transport::kLegacy) return Status::Ok();
+  std::string why = RingUnavailableReason();
+  if (why.empty()) {
+    ring_ = std::make_unique<FuseRing>(se_, opts_.ring_threads_per_queue, opts_.transport == Transport::kRing);
+    if (Status s = ring_->Prepare(); !s.ok()) {
+      ring_.reset();
+      why = s.message();
+    }
+  }
+  if (why.empty()) {
+    ring_view_.store(ring_.get(), std::memory_order_release);
+    return Status::Ok();
+  }
+  if (opts_.transport == Transport::kRing) return Status::NotSupported("transport ring: " + why);
+  QCOWFS_LOG(Info, "FUSE over io_uring not used: %s; serving through /dev/fuse", why.c_str());
+  return Status::Ok();
+}
+
 Status FuseServer::Run() {
+  if (Status s = StartRing(); !s.ok()) {
+    fuse_session_unmount(se_);
+    mounted_ = false;
+    return s;
+  }
   if (fuse_set_signal_handlers(se_) != 0) return Status::IoError("could not install signal handlers");
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(cfg, threads_);
@@ -68,11 +101,14 @@ Status FuseServer::Run() {
   fuse_loop_cfg_set_clone_fd(cfg, 1);
   int rc = fuse_session_loop_mt(se_, cfg);
   ReleaseParkedWorkers();
+  if (ring_) ring_->Stop();  // before the unmount: no thread serves the ring after this
   fuse_loop_cfg_destroy(cfg);
   fuse_remove_signal_handlers(se_);
   fuse_session_unmount(se_);
   mounted_ = false;
   if (rc < 0) return Status::Error(-rc, std::string("FUSE session loop: ") + std::strerror(-rc));
+  if (opts_.transport == Transport::kRing && ring_ && !ring_->failure().empty())
+    return Status::NotSupported("transport ring: " + ring_->failure());
   return Status::Ok();
 }
 

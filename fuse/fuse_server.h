@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "block/block_device.h"
+#include "fuse/ring.h"
 #include "util/status.h"
 
 struct fuse_session;
@@ -37,6 +38,8 @@ struct ServerOptions {
   std::string mountpoint;  // absolute
   unsigned threads = 0;    // 0: number of CPUs
   uint32_t poll_us = 50;   // poll the FUSE device this long before sleeping (kernel_io.h)
+  Transport transport = Transport::kAuto;  // ring.h
+  unsigned ring_threads_per_queue = 2;     // ring threads (each one request at a time) per CPU queue
   bool allow_other = false;
   bool foreground = false;
   bool debug = false;
@@ -60,16 +63,27 @@ class FuseServer {
   const std::vector<Export*>& exports() const { return exports_; }
   bool file_mode() const { return file_mode_; }
   unsigned threads() const { return threads_; }
+  // The transport requests come through: "ring" (FUSE over io_uring, every queue
+  // registered) or "legacy" (/dev/fuse only).
+  // Safe from any thread (the control socket's status).
+  const char* transport() const {
+    FuseRing* r = ring_view_.load(std::memory_order_acquire);
+    return r && r->active() ? "ring" : "legacy";
+  }
   // The mountpoint's attributes from before the mount (stat on it after the
   // mount would ask this very filesystem and deadlock).
   const struct stat& mountpoint_stat() const { return mountpoint_st_; }
 
  private:
+  Status StartRing();
+
   ServerOptions opts_;
   std::vector<Export*> exports_;
   bool file_mode_ = false;
   unsigned threads_ = 1;
   fuse_session* se_ = nullptr;
+  std::unique_ptr<FuseRing> ring_;              // Run()'s thread only
+  std::atomic<FuseRing*> ring_view_{nullptr};  // ring_ for transport(), from any thread
   bool mounted_ = false;
   struct stat mountpoint_st_ {};
 };

@@ -8,7 +8,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstddef>
 #include <cerrno>
 #include <cstddef>
 #include <cstring>
@@ -18,12 +20,13 @@
 #define FUSE_USE_VERSION 312
 #include <fuse3/fuse_lowlevel.h>
 
+#include "fuse/uring_abi.h"
 #include "util/log.h"
 
 namespace qcowfs::fuse {
 namespace {
 
-// --- FUSE_DIRECT_IO_ALLOW_MMAP in the INIT reply ------------------------------
+// --- The INIT reply: FUSE_DIRECT_IO_ALLOW_MMAP and FUSE_OVER_IO_URING ----------
 
 // Protocol 7.39 (kernel 6.6; Debian 12's <linux/fuse.h> is 7.38 and lacks it):
 // FUSE_DIRECT_IO_ALLOW_MMAP is init flag bit 36. Flags 32..63 travel in the
@@ -32,48 +35,95 @@ namespace {
 // flags). With it, the kernel lets a FOPEN_DIRECT_IO file be mmap'ed
 // MAP_SHARED (page cache for the mappings only, kept coherent by the kernel:
 // kernel_io.h). Without it such an mmap fails with ENODEV. libfuse 3.14 has no
-// capability for it.
-constexpr uint32_t kInitExt = 1u << 30;                    // FUSE_INIT_EXT (flags)
-constexpr uint32_t kDirectIoAllowMmap2 = 1u << (36 - 32);  // FUSE_DIRECT_IO_ALLOW_MMAP (flags2)
+// capability for it. FUSE_OVER_IO_URING (bit 41, uring_abi.h) is taken when the
+// ring transport wants it (InitHook).
+constexpr uint64_t kDirectIoAllowMmap = 1ULL << 36;
 
-std::atomic<bool> g_init_pending{false};  // an INIT request is unanswered
-std::atomic<uint64_t> g_init_unique{0};   // its unique id
-std::atomic<bool> g_mmap_offered{false};  // the kernel's INIT offered the flag
+thread_local RingReply* t_ring_reply = nullptr;
+
+std::atomic<const InitHook*> g_init_hook{nullptr};
+// The INIT request seen (unique and the flags it offers, flags2 shifted in); its reply
+// is patched once (g_init_pending). The plain fields are written before the release
+// store and read after the acquire load.
+std::atomic<bool> g_init_pending{false};
+uint64_t g_init_unique = 0;
+uint64_t g_init_offered = 0;
 
 void NoteInit(const void* buf, ssize_t n) {
+  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + offsetof(fuse_init_in, flags) + 4)) return;
   const auto* in = static_cast<const fuse_in_header*>(buf);
+  fuse_init_in arg{};
+  std::memcpy(&arg, static_cast<const char*>(buf) + sizeof(fuse_in_header),
+              std::min(sizeof(arg), static_cast<size_t>(n) - sizeof(fuse_in_header)));
+  uint64_t flags = arg.flags;
   // flags2 exists from 7.36 on (fuse_init_in grew then); a shorter request has none.
-  if (n < static_cast<ssize_t>(sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) +
-                               sizeof(uint32_t))) {
-    g_mmap_offered.store(false);
-  } else {
-    fuse_init_in init{};
-    std::memcpy(&init, static_cast<const char*>(buf) + sizeof(fuse_in_header),
-                offsetof(fuse_init_in, flags2) + sizeof(uint32_t));
-    g_mmap_offered.store((init.flags & kInitExt) && (init.flags2 & kDirectIoAllowMmap2));
-  }
-  g_init_unique.store(in->unique, std::memory_order_relaxed);
+  if ((arg.flags & uring::kFuseInitExt) &&
+      static_cast<size_t>(n) >= sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) + 4)
+    flags |= static_cast<uint64_t>(arg.flags2) << 32;
+  g_init_unique = in->unique;
+  g_init_offered = flags;
   g_init_pending.store(true, std::memory_order_release);
 }
 
-// Sets the flag in a successful INIT reply when the kernel offered it.
-void PatchInitReply(struct iovec* iov, int count) {
+// Copies a reply into the thread's ring entry. Returns the bytes "written".
+ssize_t RingWritev(RingReply* r, struct iovec* iov, int count) {
+  size_t total = 0, len = 0;
+  for (int i = 0; i < count; i++) len += iov[i].iov_len;
+  auto* out = static_cast<fuse_out_header*>(r->out_header);
+  std::memcpy(out, iov[0].iov_base, sizeof(fuse_out_header));
+  for (int i = 1; i < count; i++) {
+    if (total + iov[i].iov_len > r->payload_cap) {  // cannot happen: payload >= max_read
+      out->error = -EIO;
+      total = 0;
+      break;
+    }
+    if (iov[i].iov_base != r->payload + total)  // not built in place (ThreadRingPayload)
+      std::memmove(r->payload + total, iov[i].iov_base, iov[i].iov_len);
+    total += iov[i].iov_len;
+  }
+  r->payload_len = static_cast<uint32_t>(total);
+  r->replied = true;
+  return static_cast<ssize_t>(len);
+}
+
+// Patches the INIT reply (FUSE_DIRECT_IO_ALLOW_MMAP if offered; FUSE_OVER_IO_URING if
+// offered and wanted) and writes it.
+ssize_t InitWritev(int fd, struct iovec* iov, int count) {
+  const InitHook* hook = g_init_hook.load(std::memory_order_acquire);
+  bool ext = (g_init_offered & uring::kFuseInitExt) != 0;
+  bool offered = ext && (g_init_offered & uring::kFuseOverIoUring) != 0;
+  bool taken = false;
+  size_t payload = 0;
   auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
-  if (!g_init_pending.load(std::memory_order_acquire) ||
-      out->unique != g_init_unique.load(std::memory_order_relaxed))
-    return;
-  g_init_pending.store(false, std::memory_order_relaxed);
-  if (out->error != 0) return;
-  if (!g_mmap_offered.load() || count < 2 ||
-      iov[1].iov_len < offsetof(fuse_init_out, flags2) + sizeof(uint32_t)) {
+  bool has_flags2 = count >= 2 && iov[1].iov_len >= offsetof(fuse_init_out, flags2) + sizeof(uint32_t);
+  if (out->error == 0 && has_flags2) {
+    auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);
+    if (ext && (g_init_offered & kDirectIoAllowMmap)) {
+      arg->flags |= uring::kFuseInitExt;
+      arg->flags2 |= static_cast<uint32_t>(kDirectIoAllowMmap >> 32);
+    } else {
+      QCOWFS_LOG(Info,
+                 "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
+                 "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
+    }
+    if (hook && offered && hook->want(hook->ctx)) {
+      arg->flags |= uring::kFuseInitExt;
+      arg->flags2 |= static_cast<uint32_t>(uring::kFuseOverIoUring >> 32);
+      taken = true;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    payload = std::max<size_t>({8192, arg->max_write,
+                                static_cast<size_t>(arg->max_pages) * static_cast<size_t>(page > 0 ? page : 4096)});
+  } else if (out->error == 0) {
     QCOWFS_LOG(Info,
                "the kernel does not offer FUSE_DIRECT_IO_ALLOW_MMAP (Linux 6.6+): "
                "mmap(MAP_SHARED) of the mounted file fails with ENODEV");
-    return;
   }
-  auto* arg = static_cast<fuse_init_out*>(iov[1].iov_base);
-  arg->flags |= kInitExt;
-  arg->flags2 |= kDirectIoAllowMmap2;
+  ssize_t n = ::writev(fd, iov, count);
+  int saved = errno;
+  if (hook) hook->done(hook->ctx, n >= 0 && out->error == 0, offered, taken && n >= 0, payload);
+  errno = saved;
+  return n;
 }
 
 // --- FOPEN_PARALLEL_DIRECT_WRITES on open replies ---------------------------
@@ -95,9 +145,13 @@ void NoteRequest(const void* buf, ssize_t n) {
 }
 
 ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
-  if (g_init_pending.load(std::memory_order_relaxed) && count >= 1 &&
-      iov[0].iov_len >= sizeof(fuse_out_header))
-    PatchInitReply(iov, count);
+  if (RingReply* r = t_ring_reply; r && count >= 1 && iov[0].iov_len >= sizeof(fuse_out_header) &&
+                                   static_cast<fuse_out_header*>(iov[0].iov_base)->unique == r->unique && !r->replied)
+    return RingWritev(r, iov, count);
+  if (g_init_pending.load(std::memory_order_acquire) && count >= 1 && iov[0].iov_len >= sizeof(fuse_out_header) &&
+      static_cast<fuse_out_header*>(iov[0].iov_base)->unique == g_init_unique &&
+      g_init_pending.exchange(false, std::memory_order_acq_rel))
+    return InitWritev(fd, iov, count);
   if (g_open_pending.load(std::memory_order_acquire) > 0 && count >= 1 &&
       iov[0].iov_len >= sizeof(fuse_out_header)) {
     auto* out = static_cast<fuse_out_header*>(iov[0].iov_base);
@@ -340,6 +394,17 @@ bool InstallKernelIo(fuse_session* se, uint32_t poll_us) {
   static const fuse_custom_io io = {Writev, ReadRequest, nullptr, nullptr};
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
 }
+
+ssize_t WriteReply(int fd, struct iovec* iov, int count, void* userdata) { return Writev(fd, iov, count, userdata); }
+
+void SetThreadRingReply(RingReply* r) { t_ring_reply = r; }
+
+uint8_t* ThreadRingPayload(size_t len) {
+  RingReply* r = t_ring_reply;
+  return r && !r->replied && len <= r->payload_cap ? r->payload : nullptr;
+}
+
+void SetInitHook(const InitHook* hook) { g_init_hook.store(hook, std::memory_order_release); }
 
 void ReleaseParkedWorkers() {
   while (g_poller.parked.load(std::memory_order_acquire) > 0) WakeOneParked();

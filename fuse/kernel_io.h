@@ -1,5 +1,5 @@
 // KernelIo: the session's /dev/fuse reads and writes, through libfuse's
-// custom-io hook. Three things happen there:
+// custom-io hook. Four things happen there:
 //
 // 1. Open replies get FOPEN_PARALLEL_DIRECT_WRITES (libfuse 3.14 has no field
 //    for it), so the kernel runs direct writes to one file in parallel instead
@@ -36,11 +36,18 @@
 //    the kernel's writeback. poll_us = 0: plain blocking reads, every worker
 //    waits on the device (libfuse's behaviour).
 //
+// 4. FUSE over io_uring (ring.h): the INIT reply takes FUSE_OVER_IO_URING when the
+//    kernel offers it and the ring transport is prepared (libfuse 3.14 does not know
+//    the flag), and a reply made in a ring thread goes into that thread's current
+//    ring entry (RingReply) instead of /dev/fuse.
+//
 // One session per process uses the hook (the state is process-wide).
 #pragma once
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
+#include <cstddef>
 #include <cstdint>
 
 struct fuse_session;
@@ -57,5 +64,37 @@ void ReleaseParkedWorkers();
 // into buf, or -1 with errno. Never fails with EAGAIN (libfuse's worker loop retries only
 // EINTR and takes any other error for the end of the session) or ENOENT.
 ssize_t ReadRequest(int fd, void* buf, size_t len, void* userdata);
+
+// The reply (writev) hook libfuse calls (exposed for tests).
+ssize_t WriteReply(int fd, struct iovec* iov, int count, void* userdata);
+
+// Where the reply to the request a ring thread is handling goes. Set (per thread) around
+// fuse_session_process_buf(); the reply with this unique is copied into the entry: the
+// fuse_out_header into out_header, the reply's arguments into payload.
+struct RingReply {
+  uint64_t unique = 0;
+  void* out_header = nullptr;  // at least sizeof(fuse_out_header)
+  uint8_t* payload = nullptr;
+  size_t payload_cap = 0;
+  uint32_t payload_len = 0;  // set with the reply
+  bool replied = false;      // set with the reply
+};
+void SetThreadRingReply(RingReply* r);
+// In a ring thread handling a request: its entry's payload buffer (page-aligned), if it
+// holds len bytes, for a handler to build its reply in place (the reply's copy into the
+// entry is then skipped). Else nullptr.
+uint8_t* ThreadRingPayload(size_t len);
+
+// The INIT negotiation of the ring transport (process-wide; nullptr: none).
+struct InitHook {
+  // Whether to take FUSE_OVER_IO_URING if the kernel offers it (the rings are prepared).
+  bool (*want)(void* ctx);
+  // After the INIT reply was written (ok: the write succeeded): whether the kernel
+  // offered the ring, whether the reply took it, and the payload buffer size a ring
+  // entry needs (max of 8 KiB, max_write and max_pages pages, as replied).
+  void (*done)(void* ctx, bool ok, bool offered, bool taken, size_t payload_size);
+  void* ctx;
+};
+void SetInitHook(const InitHook* hook);
 
 }  // namespace qcowfs::fuse

@@ -272,11 +272,12 @@ int CmdMount(const std::vector<std::string>& args) {
       ("allow-other", "let other users access the mount")
       ("threads,t", po::value<unsigned>(), "FUSE worker threads (default: number of CPUs)")
       ("poll-us", po::value<unsigned>(), "poll the FUSE device this many microseconds before a worker sleeps (default 50, 0: never)")
+      ("transport", po::value<std::string>(), "FUSE transport: auto (default: io_uring where the kernel offers it), legacy (/dev/fuse), ring (io_uring or fail)")
       ("cache-size", po::value<std::string>(), "qcow2 metadata cache size (default 32M)")
       ("cache", po::value<std::string>(), "writeback (default): host page cache; none: O_DIRECT on the image, backing and data files")
       ("discard", po::value<std::string>(), "unmap (default): punch frees space; ignore: punch only zeroes")
       ("socket", po::value<std::string>(), "control socket path")
-      ("options,o", po::value<std::vector<std::string>>()->composing(), "comma-separated options (ro, allow_other, threads=N, poll_us=N, cache_size=S, cache=M, discard=M, socket=P)")
+      ("options,o", po::value<std::vector<std::string>>()->composing(), "comma-separated options (ro, allow_other, threads=N, poll_us=N, transport=T, cache_size=S, cache=M, discard=M, socket=P)")
       ("foreground,f", "stay in the foreground, log to stderr")
       ("debug,d", "FUSE debug output (implies -f)");
   po::options_description hidden;
@@ -324,6 +325,11 @@ int CmdMount(const std::vector<std::string>& args) {
     unsigned p = vm["poll-us"].as<unsigned>();
     if (p > config::kMaxPollUs) throw UsageError{"--poll-us must be from 0 to " + std::to_string(config::kMaxPollUs)};
     cfg.poll_us = p;
+  }
+  if (vm.count("transport")) {
+    std::string t = vm["transport"].as<std::string>();
+    if (!config::ValidTransport(t)) throw UsageError{"--transport must be auto, legacy or ring"};
+    cfg.transport = t;
   }
   if (vm.count("cache-size")) {
     auto r = ParseSize(vm["cache-size"].as<std::string>());

@@ -106,6 +106,25 @@ cache_none_start=$SECONDS
   ctest --output-on-failure -j"$JOBS" -R '^integ_(mount|stress)$')
 summary+=("gcc ctest integ_mount + integ_stress with --cache none: ok ($((SECONDS - cache_none_start))s)")
 
+# The mount suite once more over FUSE io_uring (--transport ring on every mount): needs
+# the kernel's enable_uring parameter, which is set for the pass and put back after.
+step "gcc: the mount tests over FUSE io_uring (QCOWFS_TEST_TRANSPORT=ring)"
+# A kernel without it is skipped even under CI=true: it is the kernel's feature, not a tool.
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_skip() { echo "SKIPPED: $1"; summary+=("skipped: $1"); }
+if [[ ! -e $uring_param ]]; then
+  uring_skip "mount tests over io_uring: this kernel has no FUSE over io_uring ($uring_param missing; Linux 6.14+, CONFIG_FUSE_IO_URING)"
+elif ! uring_old=$(cat "$uring_param") || ! echo Y 2>/dev/null >"$uring_param"; then
+  uring_skip "mount tests over io_uring: cannot set $uring_param (needs root)"
+else
+  ring_start=$SECONDS
+  ring_rc=0
+  (cd build && QCOWFS_TEST_TRANSPORT=ring ctest --output-on-failure -R integ_mount) || ring_rc=$?
+  echo "$uring_old" >"$uring_param"
+  [[ $ring_rc == 0 ]] || exit "$ring_rc"
+  summary+=("gcc mount tests over FUSE io_uring: ok ($((SECONDS - ring_start)) s)")
+fi
+
 if [[ "$QUICK" != 1 ]]; then
   step "Debian package: build, lintian, install, smoke test, purge (packaging/ci-package.sh)"
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

@@ -271,6 +271,7 @@ int RunMount(const config::MountConfig& cfg) {
   so.mountpoint = mountpoint;
   so.threads = cfg.threads;
   so.poll_us = cfg.poll_us;
+  fuse::ParseTransport(cfg.transport, &so.transport);  // validated with the config
   so.allow_other = cfg.allow_other;
   so.foreground = cfg.foreground;
   so.debug = cfg.debug;
@@ -287,6 +288,7 @@ int RunMount(const config::MountConfig& cfg) {
     r.mountpoint = mountpoint;
     r.pid = getpid();
     r.threads = server.threads();
+    r.transport = server.transport();
     for (auto& m : mounted) {
       config::ImageReport ir;
       fuse::Export* e = m.exp.get();

@@ -59,7 +59,7 @@ std::vector<pid_t> Holders(const std::string& path) {
 class Child {
  public:
   Child(const std::vector<std::string>& argv_in, const std::string& log) {
-    const std::vector<std::string> argv = WithTestCache(argv_in);
+    const std::vector<std::string> argv = WithTestTransport(WithTestCache(argv_in));
     std::vector<char*> cargv;
     for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
     cargv.push_back(nullptr);

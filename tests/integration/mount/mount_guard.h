@@ -104,6 +104,28 @@ inline void WriteFileText(const std::string& path, const std::string& text) {
   out << text;
 }
 
+// $QCOWFS_TEST_TRANSPORT (auto, legacy or ring; unset: the daemon's default): every
+// `qcowfs mount` a test runs gets `--transport T` unless its arguments name a transport
+// already, so the whole mount suite can run over FUSE io_uring (ring: the kernel's
+// /sys/module/fuse/parameters/enable_uring must be Y; tests/run_all.sh sets it).
+inline std::string TestTransport() {
+  const char* t = getenv("QCOWFS_TEST_TRANSPORT");
+  return t ? std::string(t) : std::string();
+}
+
+inline std::vector<std::string> WithTestTransport(std::vector<std::string> argv) {
+  std::string t = TestTransport();
+  if (t.empty() || argv.size() < 2 || argv[0] != Bin()) return argv;
+  const std::string& cmd = argv[1];
+  bool mount = cmd == "mount" || (cmd[0] != '-' && cmd != "create" && cmd != "info" && cmd != "status" &&
+                                  cmd != "mirror" && argv.size() >= 3);  // IMAGE MP [-o ...]
+  if (!mount) return argv;
+  for (const auto& a : argv)
+    if (a.find("transport") != std::string::npos) return argv;
+  argv.insert(argv.end(), {"--transport", t});
+  return argv;
+}
+
 struct RunOpts {
   int timeout_ms = 60000;
   std::string cwd;
@@ -144,9 +166,9 @@ inline std::vector<std::string> WithTestCache(std::vector<std::string> argv) {
 // Runs argv (PATH lookup), stdout/stderr into temporary files (so a daemon that keeps
 // them open cannot block us), waits at most opts.timeout_ms; on timeout kills that child
 // with SIGKILL and returns kTimedOut with a note in err. A `qcowfs mount` gets the test
-// cache mode (WithTestCache).
+// cache mode (WithTestCache) and transport (WithTestTransport).
 inline CmdResult RunTimed(const std::vector<std::string>& argv_in, const RunOpts& opts = {}) {
-  const std::vector<std::string> argv = WithTestCache(argv_in);
+  const std::vector<std::string> argv = WithTestTransport(WithTestCache(argv_in));
   CmdResult r{127, "", ""};
   char out_tmpl[] = "/tmp/qcowfs-mt-out.XXXXXX";
   char err_tmpl[] = "/tmp/qcowfs-mt-err.XXXXXX";
