@@ -151,13 +151,15 @@ if [[ "$QUICK" != 1 ]]; then
   step "gcc: TSan, the concurrency tests (build-tsan/)"
   cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DQCOWFS_SANITIZE=tsan -DQCOWFS_WERROR=ON \
     -DCMAKE_C_COMPILER=gcc -DCMAKE_CXX_COMPILER=g++
-  cmake --build build-tsan -j"$JOBS" --target unit_qcow2 unit_mirror unit_block
+  cmake --build build-tsan -j"$JOBS" --target unit_qcow2 unit_mirror unit_block unit_util
   # race:* (discard/rewrite races, overlapping allocations, concurrent I/O + flush),
   # inflight:* (the tracked-request table, incl. 4-thread register/release) and the mirror
   # job's unit tests (copy workers, write-blocking writes, the stale-copy races), and the
-  # O_DIRECT device's read-modify-write serialization (direct:*).
+  # O_DIRECT device's read-modify-write serialization (direct:*), and the mirror filter's
+  # per-request lock (reader-mostly mutex:*).
   (cd build-tsan/tests && TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" \
-    ./unit_qcow2 -tc='race:*,inflight:*' && ./unit_mirror && ./unit_block -tc='direct:*')
+    ./unit_qcow2 -tc='race:*,inflight:*' && ./unit_mirror && ./unit_block -tc='direct:*' &&
+    ./unit_util -tc='reader-mostly mutex:*')
   summary+=("gcc TSan concurrency tests: ok")
 
   step "clang-14: libFuzzer, ${FUZZ_TIME}s per target (build-fuzz/)"
