@@ -41,6 +41,11 @@ Status MirrorFilter::Flush() {
   return lower_->Flush();
 }
 
+void MirrorFilter::StartWriteback() {
+  ReaderMostlyShared l(&io_mu_);
+  lower_->StartWriteback();
+}
+
 Result<block::BlockStatus> MirrorFilter::GetBlockStatus(uint64_t offset, uint64_t len) {
   ReaderMostlyShared l(&io_mu_);
   return lower_->GetBlockStatus(offset, len);

@@ -28,6 +28,7 @@ class MirrorFilter final : public block::BlockDevice {
   Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
+  void StartWriteback() override;
   Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   uint64_t Size() const override;
   Status Allocate(uint64_t offset, uint64_t len) override;

@@ -148,7 +148,16 @@ Result<block::BlockStatus> MirrorJob::PlanExtent(uint64_t off, uint64_t len, boo
 Status MirrorJob::WriteTarget(uint64_t off, uint64_t len, const uint8_t* data) {
   // Zeros go out as write-zeroes that may unmap, never as data and never as TRIM alone.
   if (!data || AllZero(data, len)) return target_.dev->WriteZeroes(off, len, true);
-  return target_.dev->Write(off, data, len);
+  RETURN_IF_ERROR(target_.dev->Write(off, data, len));
+  // Every kWritebackBytes of data, start the target's writeback (a file target: its dirty
+  // pages go to the disk while the copy goes on), so the flush before ready waits for
+  // little instead of for the whole copy.
+  uint64_t prev = unkicked_bytes_.fetch_add(len, std::memory_order_relaxed);
+  if (prev < kWritebackBytes && prev + len >= kWritebackBytes) {
+    unkicked_bytes_.fetch_sub(prev + len, std::memory_order_relaxed);
+    target_.dev->StartWriteback();
+  }
+  return Status::Ok();
 }
 
 Status MirrorJob::CopyChunks(uint64_t first, uint64_t n, std::vector<uint8_t>* buf) {

@@ -163,6 +163,9 @@ class MirrorJob {
   uint64_t rate_mark_bytes_ GUARDED_BY(mu_) = 0;
   uint64_t rate_bps_ GUARDED_BY(mu_) = 0;
   std::atomic<bool> pivoted_{false};
+  // Data bytes written to the target since its writeback was last started (WriteTarget).
+  static constexpr uint64_t kWritebackBytes = 8ull << 20;
+  std::atomic<uint64_t> unkicked_bytes_{0};
   bool target_closed_ = false;  // coordinator / CloseTarget only
   std::atomic<bool> unsafe_clear_after_read_{false};
 

@@ -39,6 +39,10 @@ class BlockDevice {
   // Gives space back; the range reads as zeros afterwards.
   virtual Status Discard(uint64_t offset, uint64_t len) = 0;
   virtual Status Flush() = 0;
+  // A hint: start writing this device's dirty data to stable storage now, without
+  // waiting for it (a later Flush then has less to wait for). Orders nothing and
+  // guarantees nothing; where there is no such thing, it does nothing.
+  virtual void StartWriteback() {}
   // Status of the extent starting at offset, at most len bytes long.
   virtual Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) = 0;
   virtual uint64_t Size() const = 0;

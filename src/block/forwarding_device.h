@@ -18,6 +18,7 @@ class ForwardingDevice : public BlockDevice {
   }
   Status Discard(uint64_t offset, uint64_t len) override { return lower_->Discard(offset, len); }
   Status Flush() override { return lower_->Flush(); }
+  void StartWriteback() override { lower_->StartWriteback(); }
   Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override {
     return lower_->GetBlockStatus(offset, len);
   }

@@ -360,6 +360,11 @@ Status RawFileDevice::Flush() {
   return Status::Ok();
 }
 
+void RawFileDevice::StartWriteback() {
+  if (read_only_) return;
+  (void)sync_file_range(fd_.get(), 0, 0, SYNC_FILE_RANGE_WRITE);
+}
+
 Result<BlockStatus> RawFileDevice::GetBlockStatus(uint64_t offset, uint64_t len) {
   uint64_t size = Size();
   if (offset >= size) return BlockStatus{ExtentType::kZero, len};

@@ -53,6 +53,8 @@ class RawFileDevice final : public BlockDevice {
   Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
+  // sync_file_range(SYNC_FILE_RANGE_WRITE) over the whole file.
+  void StartWriteback() override;
   Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   uint64_t Size() const override;
   Status Resize(uint64_t new_size) override;

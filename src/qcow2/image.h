@@ -95,6 +95,10 @@ class Qcow2Image final : public block::BlockDevice {
   Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
+  // The host file's (and the data file's) dirty pages: guest data, and tables already
+  // written by a flush. Safe at any time: the ordered flush still makes each step durable
+  // before the next.
+  void StartWriteback() override;
   Result<block::BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   // This layer only (a mirror's sync "top"): kData and kZero where this image allocates
   // the range (data, or a zero flag that hides the backing file), kUnallocated where the

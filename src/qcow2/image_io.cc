@@ -721,6 +721,12 @@ Status Qcow2Image::Allocate(uint64_t offset, uint64_t len) {
   return Status::Ok();
 }
 
+void Qcow2Image::StartWriteback() {
+  if (closed_ || read_only_) return;
+  host_->StartWriteback();
+  if (data_ != host_) data_->StartWriteback();
+}
+
 Status Qcow2Image::Flush() {
   if (closed_) return Status::IoError(name_ + ": image is closed");
   if (read_only_) return Status::Ok();

@@ -410,10 +410,14 @@ TEST_CASE("mirror job: a target error fails the job, never the guest") {
 class CountingTarget final : public block::ForwardingDevice {
  public:
   using ForwardingDevice::ForwardingDevice;
-  std::atomic<int> writes{0}, zeroes{0};
+  std::atomic<int> writes{0}, zeroes{0}, writebacks{0};
   Status Write(uint64_t o, const void* b, size_t l) override {
     writes++;
     return lower()->Write(o, b, l);
+  }
+  void StartWriteback() override {
+    writebacks++;
+    lower()->StartWriteback();
   }
   Status WriteZeroes(uint64_t o, uint64_t l, bool unmap) override {
     zeroes++;
@@ -454,6 +458,24 @@ TEST_CASE("mirror job: a long zero range goes out as one write-zeroes, not one p
   // Two zero runs ([1M, 60M) and [61M, 64M)), and the first data operation ends with
   // zeros: a few write-zeroes, never one per 1 MiB operation (62).
   CHECK(ct->zeroes.load() <= 4);
+  job->Cancel();
+  CHECK(Contents(&dst, 0, 64 * MiB) == Contents(&src, 0, 64 * MiB));
+}
+
+// The flush before ready should not have the whole copy to write: the job starts the
+// target's writeback every 8 MiB of data.
+TEST_CASE("mirror job: the target's writeback is started while the copy goes on") {
+  MemDevice src(64 * MiB), dst(64 * MiB);
+  std::vector<uint8_t> a(40 * MiB, 0x5a);
+  REQUIRE(src.Write(0, a.data(), a.size()).ok());
+  MirrorFilter filter(&src);
+  CountingTarget* ct = nullptr;
+  auto job = JobOntoOldTarget(&filter, &src, &dst, &ct, config::MirrorJobConfig::Mode::kBackground);
+  job->Start();
+  REQUIRE(job->WaitReadyOrEnd(20000) == JobState::kReady);
+  // 40 MiB of data: 5 kicks (a few more or less if workers race on the counter).
+  CHECK(ct->writebacks.load() >= 3);
+  CHECK(ct->writebacks.load() <= 6);
   job->Cancel();
   CHECK(Contents(&dst, 0, 64 * MiB) == Contents(&src, 0, 64 * MiB));
 }
