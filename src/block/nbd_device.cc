@@ -64,6 +64,9 @@ class NbdConnection {
   nbd_handle* handle() const { return h_; }
   // Submits the command and waits for it until its deadline. `what` is for messages.
   Status Run(const std::string& what, const Submit& submit) EXCLUDES(mu_);
+  // Submits the command and does not wait: libnbd retires it when it completes, whatever
+  // its result (hints only). Whoever drives next sends it.
+  void Post(const Submit& submit) EXCLUDES(mu_);
   void Abort() EXCLUDES(mu_);
 
  private:
@@ -275,6 +278,16 @@ void NbdConnection::Abort() {
   Break(Status::Error(ECANCELED, uri_ + ": cancelled; the connection was closed"));
 }
 
+void NbdConnection::Post(const Submit& submit) {
+  MutexLock l(&mu_);
+  if (!broken_.ok()) return;
+  if (submit(h_) == -1) {
+    BreakIfDead();
+    return;
+  }
+  if (driving_) Kick();
+}
+
 void NbdConnection::Kick() {
   uint64_t one = 1;
   ssize_t wr = write(wake_.get(), &one, sizeof(one));
@@ -471,6 +484,22 @@ Status NbdDevice::Flush() {
   if (!can_flush_) return Status::Ok();
   return conn_->Run("flush", [](nbd_handle* h) {
     return nbd_aio_flush(h, NBD_NULL_COMPLETION, 0);
+  });
+}
+
+namespace {
+// A completion callback that asks libnbd to retire the command at once (returns 1).
+int RetireAtOnce(void*, int*) { return 1; }
+}  // namespace
+
+void NbdDevice::StartWriteback() {
+  // An NBD FLUSH nobody waits for: the server starts writing what it holds while the copy
+  // goes on. Its result does not matter; the Flush() that counts comes later and waits.
+  if (!can_flush_) return;
+  conn_->Post([](nbd_handle* h) {
+    nbd_completion_callback cb{};
+    cb.callback = RetireAtOnce;
+    return nbd_aio_flush(h, cb, 0);
   });
 }
 

@@ -82,6 +82,8 @@ class NbdDevice final : public BlockDevice {
   Status WriteZeroes(uint64_t offset, uint64_t len, bool may_unmap) override;
   Status Discard(uint64_t offset, uint64_t len) override;
   Status Flush() override;
+  // Posts an NBD FLUSH without waiting for it (nothing if the server has no FLUSH).
+  void StartWriteback() override;
   Result<BlockStatus> GetBlockStatus(uint64_t offset, uint64_t len) override;
   uint64_t Size() const override { return size_; }
   Status Allocate(uint64_t offset, uint64_t len) override;

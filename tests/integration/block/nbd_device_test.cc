@@ -345,6 +345,37 @@ TEST_CASE("NbdDevice: nbdkit memory on 127.0.0.1 (nbd:// URI); zeros never sent 
   CHECK(bs->type != ExtentType::kData);  // the discard left zeros (a hole, here)
 }
 
+// StartWriteback (the mirror's hint while it copies) posts an NBD FLUSH that nobody waits
+// for: the server gets it, and the device goes on as before.
+TEST_CASE("NbdDevice: StartWriteback posts a FLUSH without waiting for it") {
+  TempDir dir("qcowfs-nbd");
+  RequireTool("nbdkit");
+  std::string sock = dir.File("nbdkit.sock"), log = dir.File("requests.log");
+  auto server = StartNbdkitUnix(dir, sock, {"--filter=log", "memory", "16M", "logfile=" + log});
+  auto dev = ConnectOrDie(UnixUri(sock));
+  auto flushes = [&] {
+    std::string text = ReadWholeFile(log);
+    size_t n = 0;
+    for (size_t at = text.find(" Flush "); at != std::string::npos; at = text.find(" Flush ", at + 1)) n++;
+    return n;
+  };
+  std::vector<uint8_t> data(1 * kMiB, 0x6b);
+  MustOk(dev->Write(0, data.data(), data.size()));
+  CHECK(flushes() == 0);
+  for (int i = 0; i < 3; i++) dev->StartWriteback();
+  // A later command drives the connection: the posted FLUSHes go out with it and are
+  // retired by libnbd when they complete, never waited for.
+  MustOk(dev->Write(2 * kMiB, data.data(), data.size()));
+  CHECK(DevBytes(dev.get(), 2 * kMiB, data.size()) == data);
+  for (int i = 0; i < 100 && flushes() < 3; i++) {
+    MustOk(dev->Write(4 * kMiB, data.data(), 4096));
+    usleep(10000);
+  }
+  CHECK(flushes() >= 3);
+  MustOk(dev->Flush());
+  CHECK(DevBytes(dev.get(), 0, data.size()) == data);
+}
+
 TEST_CASE("NbdDevice: a server with a 512-byte minimum, 64K maximum and no WRITE_ZEROES") {
   TempDir dir("qcowfs-nbd");
   std::string sock = dir.File("nbdkit.sock");
