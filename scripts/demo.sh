@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update
-  apt-get install -y build-essential cmake pkg-config libfuse3-dev fuse3 \
+  apt-get install -y build-essential cmake pkg-config libfuse3-dev liburing-dev fuse3 \
     libboost-program-options-dev nlohmann-json3-dev doctest-dev zlib1g-dev libzstd-dev \
     libnbd-dev libsystemd-dev scdoc qemu-utils e2fsprogs
 else
