@@ -3,7 +3,6 @@
 #include <zstd.h>
 
 #include <algorithm>
-#include <deque>
 #include <cstring>
 
 #include "qcow2/cluster_info.h"
@@ -42,31 +41,6 @@ class InFlightRefs {
   std::vector<InFlightTable::Handle> more_;
 };
 
-// Per-thread extent lists for the data paths, one per nesting level (a read of an
-// overlay reads its backing file on the same thread), reused so that mapping a
-// request allocates nothing in steady state.
-class ExtentScratch {
- public:
-  ExtentScratch() {
-    if (pool_.size() <= depth_) pool_.emplace_back();
-    v_ = &pool_[depth_++];
-    v_->clear();
-  }
-  ExtentScratch(const ExtentScratch&) = delete;
-  ExtentScratch& operator=(const ExtentScratch&) = delete;
-  ~ExtentScratch() {
-    if (v_->capacity() > 64) std::vector<Extent>().swap(*v_);  // no large lists kept
-    depth_--;
-  }
-  std::vector<Extent>& get() { return *v_; }
-
- private:
-  static thread_local std::deque<std::vector<Extent>> pool_;  // stable addresses
-  static thread_local size_t depth_;
-  std::vector<Extent>* v_;
-};
-thread_local std::deque<std::vector<Extent>> ExtentScratch::pool_;
-thread_local size_t ExtentScratch::depth_ = 0;
 
 }  // namespace
 
@@ -168,8 +142,10 @@ Status Qcow2Image::Read(uint64_t offset, void* buf, size_t len) {
   if (offset > Size() || len > Size() - offset) return Status::Invalid(name_ + ": read beyond the end of the image");
   auto* out = static_cast<uint8_t*>(buf);
   uint64_t done = 0;
-  ExtentScratch scratch;
-  std::vector<Extent>& ext = scratch.get();
+  // One extent list per call (not per chunk). No thread_local pool: a pool with a
+  // destructor runs it at thread exit, and libfuse ends its workers with pthread_cancel,
+  // whose forced unwind leaves ASan's stack shadow poisoned under that destructor.
+  std::vector<Extent> ext;
   while (done < len) {
     ext.clear();
     InFlightRefs refs(&inflight_);

@@ -81,7 +81,7 @@ TEST_CASE("direct: unaligned reads and writes near block edges match a model") {
     std::vector<uint64_t> offs = {0, 1, 7, 511, 512, 513, a - 1, a, a + 1, 2 * a - 512, 2 * a - 1, 3 * a + 100};
     std::vector<uint64_t> lens = {1, 8, 511, 512, 513, a - 1, a, a + 1, 2 * a - 1, 2 * a, 2 * a + 3, 3 * a + 511};
     uint8_t gen = 1;
-    std::vector<uint8_t> store(4 * a + 4096 + 64);
+    std::vector<uint8_t> store(4 * a + 2 * 4096 + 1024);  // a page-aligned base, + 512, + the longest length
     for (uint64_t off : offs) {
       for (uint64_t len : lens) {
         for (size_t mis : {size_t{0}, size_t{1}, size_t{512}}) {
