@@ -65,8 +65,18 @@ void NoteInit(const void* buf, ssize_t n) {
   g_init_pending.store(true, std::memory_order_release);
 }
 
+// A successful OPEN reply of a direct-io file: FOPEN_PARALLEL_DIRECT_WRITES too, so the
+// kernel does not serialize direct writes to the file under its inode lock.
+void PatchOpenReply(struct iovec* iov, int count) {
+  if (count < 2 || iov[1].iov_len < sizeof(fuse_open_out)) return;
+  if (static_cast<fuse_out_header*>(iov[0].iov_base)->error != 0) return;
+  auto* arg = static_cast<fuse_open_out*>(iov[1].iov_base);
+  if (arg->open_flags & FOPEN_DIRECT_IO) arg->open_flags |= FOPEN_PARALLEL_DIRECT_WRITES;
+}
+
 // Copies a reply into the thread's ring entry. Returns the bytes "written".
 ssize_t RingWritev(RingReply* r, struct iovec* iov, int count) {
+  if (r->opcode == FUSE_OPEN) PatchOpenReply(iov, count);
   size_t total = 0, len = 0;
   for (int i = 0; i < count; i++) len += iov[i].iov_len;
   auto* out = static_cast<fuse_out_header*>(r->out_header);
@@ -161,10 +171,7 @@ ssize_t Writev(int fd, struct iovec* iov, int count, void*) {
       was_open = g_open_requests.erase(out->unique) > 0;
       if (was_open) g_open_pending.fetch_sub(1);
     }
-    if (was_open && out->error == 0 && count >= 2 && iov[1].iov_len >= sizeof(fuse_open_out)) {
-      auto* arg = static_cast<fuse_open_out*>(iov[1].iov_base);
-      if (arg->open_flags & FOPEN_DIRECT_IO) arg->open_flags |= FOPEN_PARALLEL_DIRECT_WRITES;
-    }
+    if (was_open) PatchOpenReply(iov, count);
   }
   return ::writev(fd, iov, count);
 }

@@ -73,6 +73,7 @@ ssize_t WriteReply(int fd, struct iovec* iov, int count, void* userdata);
 // fuse_out_header into out_header, the reply's arguments into payload.
 struct RingReply {
   uint64_t unique = 0;
+  uint32_t opcode = 0;         // the request's (an OPEN reply gets FOPEN_PARALLEL_DIRECT_WRITES)
   void* out_header = nullptr;  // at least sizeof(fuse_out_header)
   uint8_t* payload = nullptr;
   size_t payload_cap = 0;

@@ -403,6 +403,7 @@ void FuseRing::Serve(Worker* w) {
         std::memcpy(start, &in, sizeof(in));
         std::memcpy(start + sizeof(in), e.hdr->op_in, op_len);
         r.unique = in.unique;
+        r.opcode = in.opcode;
         r.out_header = e.hdr->in_out;
         r.payload = e.payload;
         r.payload_cap = e.payload_size;

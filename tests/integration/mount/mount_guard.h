@@ -673,6 +673,59 @@ inline bool PreadAll(int fd, void* buf, size_t len, uint64_t off) {
   return true;
 }
 
+// The most FUSE requests of the mount at mountpoint that the kernel had outstanding at once
+// (/sys/fs/fuse/connections/N/waiting, sampled) while `writers` threads write 1 MiB blocks
+// to the mounted file, each to its own region (opened before the sampling starts, closed
+// after it ends), until more than one was seen or about 3 s passed. Without FOPEN_PARALLEL_DIRECT_WRITES on the open reply the kernel runs direct
+// writes to one file one at a time under its inode lock: then this stays 1. 0: the
+// counter could not be read (*why says why).
+inline unsigned MaxConcurrentWrites(const std::string& mountpoint, int writers, std::string* why) {
+  auto m = FindFuseMount(RealPath(mountpoint));
+  if (!m) {
+    *why = "not mounted: " + mountpoint;
+    return 0;
+  }
+  const std::string dir = "/sys/fs/fuse/connections";
+  std::string waiting = dir + "/" + std::to_string(m->minor) + "/waiting";
+  if (access(waiting.c_str(), R_OK) != 0) ::mount("fusectl", dir.c_str(), "fusectl", 0, nullptr);
+  if (access(waiting.c_str(), R_OK) != 0) {
+    *why = "cannot read " + waiting + ": " + strerror(errno);
+    return 0;
+  }
+  // Every writer opens its file first: only writes may be outstanding while sampling.
+  std::atomic<bool> go{false}, stop{false};
+  std::atomic<int> failed{0}, opened{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < writers; t++)
+    ts.emplace_back([&, t] {
+      Fd fd(mountpoint, O_RDWR);
+      opened++;
+      while (!go.load()) std::this_thread::yield();
+      std::vector<char> buf(MiB, static_cast<char>('0' + t));
+      for (uint64_t i = 0; fd.valid() && !stop.load(); i++)
+        if (!PwriteAll(fd.get(), buf.data(), buf.size(), (uint64_t(t) * 8 + i % 8) * MiB)) {
+          failed++;
+          break;
+        }
+    });
+  while (opened.load() < writers) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the OPEN replies are in
+  go = true;
+  unsigned most = 0;
+  auto end = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  while (most < 2 && std::chrono::steady_clock::now() < end) {
+    char b[32] = {};
+    int wfd = ::open(waiting.c_str(), O_RDONLY | O_CLOEXEC);  // not seekable: one open per sample
+    ssize_t n = wfd >= 0 ? ::read(wfd, b, sizeof(b) - 1) : -1;
+    if (wfd >= 0) ::close(wfd);
+    if (n > 0) most = std::max(most, static_cast<unsigned>(std::strtoul(b, nullptr, 10)));
+  }
+  stop = true;
+  for (auto& t : ts) t.join();
+  if (failed.load()) *why = "a write to the mounted file failed";
+  return most;
+}
+
 inline std::vector<char> ReadRange(const std::string& path, uint64_t off, size_t len) {
   std::vector<char> buf(len);
   Fd fd(path, O_RDONLY);

@@ -131,6 +131,82 @@ TEST_CASE("kernel_io: a ring thread's reply goes into its ring entry, any other 
   close(p[1]);
 }
 
+// Without FOPEN_PARALLEL_DIRECT_WRITES the kernel takes the inode lock for every direct
+// write, so writes to the mounted file run one at a time (libfuse 3.14 cannot set it):
+// both transports must add it to OPEN replies of direct-io files.
+fuse_open_out OpenReplyThroughHook(int fd, uint32_t open_flags, int32_t error) {
+  fuse_out_header oh{};
+  oh.unique = 9;
+  oh.error = error;
+  oh.len = sizeof(oh) + sizeof(fuse_open_out);
+  fuse_open_out arg{};
+  arg.fh = 5;
+  arg.open_flags = open_flags;
+  iovec iov[2] = {{&oh, sizeof(oh)}, {&arg, sizeof(arg)}};
+  WriteReply(fd, iov, 2, nullptr);
+  return arg;
+}
+
+TEST_CASE("kernel_io: OPEN replies of direct-io files get FOPEN_PARALLEL_DIRECT_WRITES on both transports") {
+  SUBCASE("ring: the reply copied into the entry") {
+    for (uint32_t opcode : {static_cast<uint32_t>(FUSE_OPEN), static_cast<uint32_t>(FUSE_CREATE)}) {
+      for (uint32_t flags : {static_cast<uint32_t>(FOPEN_DIRECT_IO), 0u}) {
+        CAPTURE(opcode);
+        CAPTURE(flags);
+        fuse_out_header entry_out{};
+        std::vector<uint8_t> payload(256, 0);
+        RingReply r;
+        r.unique = 9;
+        r.opcode = opcode;
+        r.out_header = &entry_out;
+        r.payload = payload.data();
+        r.payload_cap = payload.size();
+        SetThreadRingReply(&r);
+        OpenReplyThroughHook(-1, flags, 0);
+        SetThreadRingReply(nullptr);
+        REQUIRE(r.replied);
+        REQUIRE(r.payload_len == sizeof(fuse_open_out));
+        fuse_open_out got{};
+        std::memcpy(&got, payload.data(), sizeof(got));
+        CHECK(got.fh == 5);
+        bool want = opcode == FUSE_OPEN && (flags & FOPEN_DIRECT_IO);
+        CHECK(((got.open_flags & FOPEN_PARALLEL_DIRECT_WRITES) != 0) == want);
+        CHECK((got.open_flags & FOPEN_DIRECT_IO) == flags);
+      }
+    }
+  }
+  SUBCASE("/dev/fuse: the OPEN request read through the hook, its reply written") {
+    int p[2];
+    REQUIRE(pipe2(p, O_CLOEXEC) == 0);
+    for (int32_t error : {0, -EACCES}) {
+      CAPTURE(error);
+      fuse_in_header in{};
+      in.len = sizeof(in) + sizeof(fuse_open_in);
+      in.opcode = FUSE_OPEN;
+      in.unique = 9;
+      std::vector<uint8_t> req(in.len, 0);
+      std::memcpy(req.data(), &in, sizeof(in));
+      REQUIRE(write(p[1], req.data(), req.size()) == static_cast<ssize_t>(req.size()));
+      std::vector<uint8_t> buf(4096);
+      REQUIRE(ReadRequest(p[0], buf.data(), buf.size(), nullptr) == static_cast<ssize_t>(req.size()));
+      fuse_open_out sent = OpenReplyThroughHook(p[1], FOPEN_DIRECT_IO, error);
+      fuse_out_header oh{};
+      fuse_open_out got{};
+      REQUIRE(read(p[0], &oh, sizeof(oh)) == static_cast<ssize_t>(sizeof(oh)));
+      REQUIRE(read(p[0], &got, sizeof(got)) == static_cast<ssize_t>(sizeof(got)));
+      CHECK(got.open_flags == sent.open_flags);
+      CHECK(((got.open_flags & FOPEN_PARALLEL_DIRECT_WRITES) != 0) == (error == 0));
+      // The next reply with that unique is not an OPEN's any more: left alone.
+      fuse_open_out again = OpenReplyThroughHook(p[1], FOPEN_DIRECT_IO, 0);
+      REQUIRE(read(p[0], &oh, sizeof(oh)) == static_cast<ssize_t>(sizeof(oh)));
+      REQUIRE(read(p[0], &got, sizeof(got)) == static_cast<ssize_t>(sizeof(got)));
+      CHECK((again.open_flags & FOPEN_PARALLEL_DIRECT_WRITES) == 0);
+    }
+    close(p[0]);
+    close(p[1]);
+  }
+}
+
 TEST_CASE("kernel_io: a reply built in the ring entry's payload (ThreadRingPayload) is not copied") {
   CHECK(ThreadRingPayload(1) == nullptr);  // not in a ring thread
   fuse_out_header entry_out{};
