@@ -892,6 +892,22 @@ if main and transports:
             if nulls:
                 vals.append("**%s**" % ratio(med(t["null:ring"]), med(t["null:legacy"])))
         print("| %s | %s | %s |" % (name, unit, " | ".join(vals)))
+    if nulls:
+        # The ceiling per transport: a request pays that transport (null) and the image I/O
+        # (raw) one after the other.
+        print("\n### qcowfs against the limit 1/(1/null + 1/raw), per transport (medians)\n")
+        head = []
+        for x in transports:
+            head += ["limit %s" % x, "**qcowfs:%s/limit**" % x]
+        print("| workload | unit | " + " | ".join(head) + " |")
+        print("|---|---|" + "---:|" * len(head))
+        for (name, unit), t in main.items():
+            vals = []
+            for x in transports:
+                n, r, c = med(t["null:" + x]), med(t["raw"]), med(t["qcowfs:" + x])
+                lim = 1.0 / (1.0 / n + 1.0 / r) if n and r else None
+                vals += [fmt(lim, unit), "**%s**" % ratio(c, lim)]
+            print("| %s | %s | %s |" % (name, unit, " | ".join(vals)))
     print("\nAll runs (%s):\n" % " / ".join(["raw", "qsd"] + cols))
     for (name, unit), t in main.items():
         print("- %s: %s" % (name, " / ".join(", ".join(fmt(x, unit) for x in t[k]) for k in ["raw", "qsd"] + cols)))
