@@ -5,12 +5,12 @@
 #                                     installed, smoke-tested, linted, purged: root
 #                                     only), ASan/UBSan build + ctest, clang-14
 #                                     -Wthread-safety build, TSan concurrency tests,
-#                                     libFuzzer (2 minutes per target)
+#                                     libFuzzer (1 minute per target)
 #   QCOWFS_QUICK=1 bash tests/run_all.sh   only the first (for local iteration)
 # Every build here passes -DQCOWFS_WERROR=ON: warnings are errors in CI (a user's build
 # defaults to OFF).
 # Environment: JOBS (default 2) for build and ctest parallelism; CI=true turns a missing
-# tool from a skip into a failure; QCOWFS_FUZZ_TIME (default 120) seconds per fuzz target.
+# tool from a skip into a failure; QCOWFS_FUZZ_TIME (default 60) seconds per fuzz target.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -62,7 +62,7 @@ skip_or_fail() {
 
 # run_fuzzer TARGET: fuzz build-fuzz/seeds/TARGET for FUZZ_TIME seconds on a copy of the
 # seeds; a crash, leak, timeout or OOM fails the step and names the saved input.
-FUZZ_TIME="${QCOWFS_FUZZ_TIME:-120}"
+FUZZ_TIME="${QCOWFS_FUZZ_TIME:-60}"
 run_fuzzer() {
   local t="$1" dir="build-fuzz/fuzz-run/$1"
   mkdir -p "$dir/corpus" "$dir/artifacts"
